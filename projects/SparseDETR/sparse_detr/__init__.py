@@ -1,0 +1,9 @@
+"""Sparse DETR (ICLR'22) as a Detectron2 plugin. Importing this package registers the meta-architecture."""
+from .backbone import build_swin_backbone
+from .config import add_sparse_detr_config
+from .criterion import HungarianMatcher, SetCriterion
+from .meta_arch import SparseDETR
+from .transformer import SparseDeformableTransformer, TransformerOutput
+
+__all__ = ["add_sparse_detr_config", "build_swin_backbone", "HungarianMatcher", "SetCriterion", "SparseDETR",
+           "SparseDeformableTransformer", "TransformerOutput"]

@@ -1,0 +1,180 @@
+"""Converting the authors' checkpoints and backbone initialisations, and loading with a class-count check.
+
+Accepted inputs of :func:`convert_checkpoint`:
+
+* an authors' Deformable / Efficient / Sparse DETR checkpoint (``{"model": state_dict}``, R50 or Swin-T):
+  91 COCO classes are mapped to Detectron2's 80 contiguous ones, any other class count is kept;
+* a torchvision ResNet-50 state dict (``conv1.weight``, ``layer1.0...``), for MODEL.WEIGHTS;
+* the ImageNet Swin-T checkpoint (``{"model": {"patch_embed...", "layers...."}}``), for MODEL.WEIGHTS;
+* an SCRL checkpoint (``online_network_state_dict`` with ``encoder.{0,1,4,5,6,7}``), for MODEL.WEIGHTS.
+"""
+import logging
+import os
+import re
+import tempfile
+from typing import Dict
+
+import torch
+from torch import Tensor
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+__all__ = ["convert_checkpoint", "convert_state_dict", "save_checkpoint_atomically", "SparseDETRCheckpointer"]
+
+logger = logging.getLogger(__name__)
+
+COCO_THING_IDS = [c["id"] for c in COCO_CATEGORIES if c["isthing"]]  # Detectron2's contiguous order
+SCRL_ENCODER_TO_TORCHVISION = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+EXPECTED_INPUTS = ("an authors' Deformable/Efficient/Sparse DETR checkpoint ({'model': ...} with 'transformer.*' keys), "
+                   "a torchvision ResNet-50 state dict ('conv1.weight', 'layer1.*'), the ImageNet Swin-T checkpoint "
+                   "('patch_embed.*', 'layers.*'), or an SCRL checkpoint ('online_network_state_dict')")
+
+
+def torchvision_resnet_to_detectron2(name: str) -> str:
+    """``layer1.0.bn2.weight`` -> ``res2.0.conv2.norm.weight`` and so on."""
+    name = re.sub(r"^conv1\.", "stem.conv1.", name)
+    name = re.sub(r"^bn1\.", "stem.conv1.norm.", name)
+    name = re.sub(r"^layer(\d)\.", lambda m: f"res{int(m.group(1)) + 1}.", name)
+    name = re.sub(r"\.bn(\d)\.", r".conv\1.norm.", name)
+    return name.replace(".downsample.0.", ".shortcut.").replace(".downsample.1.", ".shortcut.norm.")
+
+
+def _backbone_key(name: str, swin: bool) -> str:
+    return "backbone." + (name if swin else torchvision_resnet_to_detectron2(name))
+
+
+def _is_swin(names) -> bool:
+    return any(n.startswith("patch_embed.") for n in names)
+
+
+def _map_classes(tensor: Tensor) -> Tensor:
+    return tensor[COCO_THING_IDS] if tensor.shape[0] == 91 else tensor
+
+
+def _convert_detector(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    body = {k[len("backbone.0.body."):]: v for k, v in sd.items() if k.startswith("backbone.0.body.")}
+    swin = _is_swin(body)
+    out = {_backbone_key(k, swin): v for k, v in body.items() if not k.endswith("num_batches_tracked")}
+    separate_heads = any(k.startswith(("transformer.decoder.bbox_embed.", "transformer.encoder.class_embed."))
+                         for k in sd)
+    for key, value in sd.items():
+        if key.startswith("backbone."):
+            continue
+        if key.startswith(("transformer.decoder.class_embed.", "transformer.decoder.bbox_embed.",
+                           "transformer.encoder.class_embed.", "transformer.encoder.bbox_embed.")):
+            continue  # aliases of the top-level heads
+        head = re.match(r"^(class_embed|bbox_embed)\.(\d+)\.(.*)$", key)
+        if head:
+            if not separate_heads and head.group(2) != "0":
+                continue  # one head shared by every decoder layer
+            if head.group(1) == "class_embed":
+                value = _map_classes(value)
+            out[f"transformer.{key}"] = value
+        elif key == "query_embed.weight":
+            out["transformer.query_embed.weight"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def convert_state_dict(checkpoint: Dict) -> Dict[str, Tensor]:
+    """Any accepted input (see the module docstring) -> a state dict in this project's names."""
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"expected a dict, got {type(checkpoint).__name__}; expected {EXPECTED_INPUTS}")
+    if "online_network_state_dict" in checkpoint:
+        encoder = {k: v for k, v in checkpoint["online_network_state_dict"].items() if k.startswith("encoder.")}
+        renamed = {}
+        for key, value in encoder.items():
+            _, index, rest = key.split(".", 2)
+            if index in SCRL_ENCODER_TO_TORCHVISION and not rest.endswith("num_batches_tracked"):
+                renamed[f"{SCRL_ENCODER_TO_TORCHVISION[index]}.{rest}"] = value
+        if "conv1.weight" not in renamed:
+            raise ValueError("the SCRL checkpoint has no 'encoder.0.weight' (conv1) in online_network_state_dict")
+        return {_backbone_key(k, False): v for k, v in renamed.items()}
+    sd = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
+    sd = {k: v for k, v in sd.items() if not k.endswith(("total_ops", "total_params"))}
+    if any(k.startswith("transformer.") for k in sd):
+        return _convert_detector(sd)
+    if "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
+        return {_backbone_key(k, False): v for k, v in sd.items()
+                if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    if _is_swin(sd):
+        return {_backbone_key(k, True): v for k, v in sd.items()
+                if not k.startswith(("head.", "norm.")) and not k.endswith("attn_mask")}
+    raise ValueError(f"unrecognised checkpoint (first keys: {list(sd)[:5]}); expected {EXPECTED_INPUTS}")
+
+
+def save_checkpoint_atomically(obj, path: str) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def convert_checkpoint(src: str, dst: str) -> Dict[str, Tensor]:
+    """Convert the file ``src`` (see the module docstring) into a Detectron2 checkpoint at ``dst``."""
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"no checkpoint at {src}")
+    checkpoint = torch.load(src, map_location="cpu", weights_only=False)
+    sd = convert_state_dict(checkpoint)
+    save_checkpoint_atomically({"model": sd, "__author__": "sparse_detr.convert_checkpoint"}, dst)
+    logger.info("converted %s -> %s (%d tensors)", src, dst, len(sd))
+    return sd
+
+
+class SparseDETRCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that also reads the authors' checkpoints and checks the class count.
+
+    Loading a checkpoint whose heads have a different number of classes than the model raises a
+    ValueError naming both counts, unless ``reinit_class_heads=True`` (fine-tuning on a new dataset),
+    in which case the class heads keep their fresh initialisation.
+    """
+
+    def __init__(self, model, save_dir: str = "", *, reinit_class_heads: bool = False, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self.reinit_class_heads = reinit_class_heads
+
+    def _load_file(self, filename):
+        loaded = super()._load_file(filename)
+        sd = loaded.get("model", {})
+        if any(k.startswith("backbone.0.body.") for k in sd) or any(k.startswith("transformer.decoder.class_embed")
+                                                                  for k in sd):
+            self.logger.info("%s is in the authors' layout: converting it on the fly", filename)
+            loaded["model"] = convert_state_dict({"model": sd})
+            loaded["matching_heuristics"] = False
+        return loaded
+
+    def _load_model(self, checkpoint):
+        sd = checkpoint["model"]
+        own = self.model.state_dict()
+        for key in [k for k in sd if k.startswith("transformer.class_embed.") and k in own]:
+            have, want = sd[key].shape[0], own[key].shape[0]
+            if have == want:
+                continue
+            if not self.reinit_class_heads:
+                raise ValueError(f"the checkpoint's class heads have {have} classes ({key}), but the model has "
+                                 f"{want} (MODEL.SPARSE_DETR.NUM_CLASSES): set NUM_CLASSES to {have}, or load it "
+                                 f"with reinit_class_heads=True to fine-tune fresh class heads")
+            del sd[key]
+        return super()._load_model(checkpoint)
+
+    def save(self, name: str, **kwargs) -> None:
+        """Like DetectionCheckpointer.save, but written atomically (temporary file, then rename)."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        path = os.path.join(self.save_dir, f"{name}.pth")
+        self.logger.info("Saving checkpoint to %s", path)
+        save_checkpoint_atomically(data, path)
+        self.tag_last_checkpoint(os.path.basename(path))

@@ -1,0 +1,85 @@
+"""Config keys of Sparse DETR, added to a Detectron2 config by :func:`add_sparse_detr_config`."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_sparse_detr_config"]
+
+
+def add_sparse_detr_config(cfg):
+    """Add ``cfg.MODEL.SPARSE_DETR`` and the solver keys of the DETR recipe; defaults follow the paper."""
+    cfg.MODEL.SPARSE_DETR = CN()
+    sd = cfg.MODEL.SPARSE_DETR
+    # Classes of the classification head (80 for COCO in Detectron2's contiguous ids).
+    sd.NUM_CLASSES = 80
+    # Object queries of the decoder (and top-k proposals of the two-stage head), N in the paper.
+    sd.NUM_QUERIES = 300
+    # Transformer width d and attention heads M.
+    sd.HIDDEN_DIM = 256
+    sd.NHEADS = 8
+    # Encoder and decoder layers.
+    sd.ENC_LAYERS = 6
+    sd.DEC_LAYERS = 6
+    # Hidden size of the feed-forward networks (ReLU).
+    sd.DIM_FEEDFORWARD = 1024
+    # Dropout in the transformer layers.
+    sd.DROPOUT = 0.1
+    # Feature levels L: the backbone's outputs plus extra stride-2 levels made from the last one.
+    sd.NUM_FEATURE_LEVELS = 4
+    # Sampling points K per head and level in encoder and decoder deformable attention.
+    sd.ENC_N_POINTS = 4
+    sd.DEC_N_POINTS = 4
+    # Two-stage: the decoder's initial boxes are the top-scoring encoder proposals ("Top-k").
+    sd.TWO_STAGE = False
+    # Iterative bounding-box refinement in the decoder ("BBR").
+    sd.WITH_BOX_REFINE = False
+    # Efficient DETR query initialisation: decoder content queries are the selected encoder tokens.
+    sd.EFF_QUERY_INIT = False
+    # Efficient DETR class-specific two-stage head: objectness = max class logit (else class 0 alone).
+    sd.EFF_SPECIFIC_HEAD = False
+    # Keeping ratio rho of the sparse encoder: the share of tokens the encoder updates; 0 = dense encoder.
+    sd.RHO = 0.0
+    # Auxiliary detection heads and losses on the selected tokens after each encoder layer but the last.
+    sd.USE_ENC_AUX_LOSS = False
+    # Loss weights: focal classification, L1 box, generalised IoU, and the DAM prediction loss.
+    sd.CLS_LOSS_COEF = 2.0
+    sd.BBOX_LOSS_COEF = 5.0
+    sd.GIOU_LOSS_COEF = 2.0
+    sd.MASK_PREDICTION_COEF = 1.0
+    # Costs of the Hungarian matcher: classification (focal), L1 box, generalised IoU.
+    sd.SET_COST_CLASS = 2.0
+    sd.SET_COST_BBOX = 5.0
+    sd.SET_COST_GIOU = 2.0
+    # Focal loss alpha and gamma, also used by the matcher's classification cost.
+    sd.FOCAL_ALPHA = 0.25
+    sd.FOCAL_GAMMA = 2.0
+    # Detections kept per image at inference (top-k over queries x classes).
+    sd.NUM_DETECTIONS = 100
+
+    # Solver keys of the DETR recipe (SPEC section 4).
+    # Learning-rate factor of the backbone (2e-5 = 2e-4 x 0.1).
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Learning-rate factor of the sampling-offset and reference-point linear layers.
+    cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1
+    # AdamW is the recipe's optimizer; "SGD" keeps Detectron2's default behaviour.
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # Scale base learning rates by sqrt(IMS_PER_BATCH / 16), as the authors do for other batch sizes.
+    cfg.SOLVER.SQRT_LR_SCALING = True
+
+    # Swin Transformer backbone (MODEL.BACKBONE.NAME = "build_swin_backbone"); defaults are Swin-T.
+    cfg.MODEL.SWIN = CN()
+    cfg.MODEL.SWIN.PATCH_SIZE = 4
+    cfg.MODEL.SWIN.EMBED_DIM = 96
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7
+    cfg.MODEL.SWIN.MLP_RATIO = 4.0
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.2
+    # No absolute position embedding; LayerNorm after the patch embedding.
+    cfg.MODEL.SWIN.APE = False
+    cfg.MODEL.SWIN.PATCH_NORM = True
+    # Stages whose outputs feed the detector (strides 8, 16, 32), each through its own LayerNorm.
+    cfg.MODEL.SWIN.OUT_INDICES = [1, 2, 3]
+    # 2 freezes the patch embedding and the first stage.
+    cfg.MODEL.SWIN.FROZEN_STAGES = 2
+
+    # Images per batch at test time (the authors evaluate two at a time; padding changes the numbers).
+    cfg.TEST.IMS_PER_BATCH = 1

@@ -1,0 +1,182 @@
+"""The ``SparseDETR`` meta-architecture: Deformable DETR, its Top-k & BBR and Efficient DETR variants, Sparse DETR."""
+import logging
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_convert
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils.events import get_event_storage
+
+from .backbone import sine_position_embedding
+from .criterion import HungarianMatcher, SetCriterion
+from .transformer import FlatFeatures, SparseDeformableTransformer, TransformerOutput
+
+__all__ = ["SparseDETR"]
+
+logger = logging.getLogger(__name__)
+
+
+@META_ARCH_REGISTRY.register()
+class SparseDETR(nn.Module):
+    """Sparse DETR (Roh et al., ICLR'22) and the detectors it generalises, switched by the transformer's flags.
+
+    Input and output follow Detectron2: ``forward(batched_inputs)`` returns the weighted loss dict in
+    training and ``[{"instances": Instances}]`` in evaluation.
+    """
+
+    @configurable
+    def __init__(self, *, backbone: Backbone, in_features: List[str], transformer: SparseDeformableTransformer,
+                 criterion: SetCriterion, pixel_mean, pixel_std, num_feature_levels: int,
+                 num_detections: int = 100):
+        super().__init__()
+        self.backbone = backbone
+        self.in_features = in_features
+        self.transformer = transformer
+        self.criterion = criterion
+        self.num_detections = num_detections
+        d_model = transformer.d_model
+        channels = [backbone.output_shape()[f].channels for f in in_features]
+        if d_model % 32:
+            raise ValueError(f"HIDDEN_DIM must be a multiple of 32 (GroupNorm(32) on the input projections), got {d_model}")
+        projections = [nn.Sequential(nn.Conv2d(c, d_model, 1), nn.GroupNorm(32, d_model)) for c in channels]
+        in_channels = channels[-1]
+        for _ in range(num_feature_levels - len(channels)):
+            projections.append(nn.Sequential(nn.Conv2d(in_channels, d_model, 3, stride=2, padding=1),
+                                             nn.GroupNorm(32, d_model)))
+            in_channels = d_model
+        self.input_proj = nn.ModuleList(projections)
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        sd = cfg.MODEL.SPARSE_DETR
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        in_features = sorted(shapes, key=lambda f: shapes[f].stride)
+        if sd.NUM_FEATURE_LEVELS < len(in_features):
+            in_features = in_features[len(in_features) - sd.NUM_FEATURE_LEVELS:]
+        transformer = SparseDeformableTransformer(
+            num_classes=sd.NUM_CLASSES, d_model=sd.HIDDEN_DIM, nhead=sd.NHEADS, num_encoder_layers=sd.ENC_LAYERS,
+            num_decoder_layers=sd.DEC_LAYERS, dim_feedforward=sd.DIM_FEEDFORWARD, dropout=sd.DROPOUT,
+            num_feature_levels=sd.NUM_FEATURE_LEVELS, enc_n_points=sd.ENC_N_POINTS, dec_n_points=sd.DEC_N_POINTS,
+            num_queries=sd.NUM_QUERIES, two_stage=sd.TWO_STAGE, with_box_refine=sd.WITH_BOX_REFINE,
+            eff_query_init=sd.EFF_QUERY_INIT, eff_specific_head=sd.EFF_SPECIFIC_HEAD, rho=sd.RHO,
+            use_enc_aux_loss=sd.USE_ENC_AUX_LOSS)
+        matcher = HungarianMatcher(sd.SET_COST_CLASS, sd.SET_COST_BBOX, sd.SET_COST_GIOU, sd.FOCAL_ALPHA, sd.FOCAL_GAMMA)
+        criterion = SetCriterion(
+            matcher, weight_ce=sd.CLS_LOSS_COEF, weight_bbox=sd.BBOX_LOSS_COEF, weight_giou=sd.GIOU_LOSS_COEF,
+            weight_mask_prediction=sd.MASK_PREDICTION_COEF, focal_alpha=sd.FOCAL_ALPHA, focal_gamma=sd.FOCAL_GAMMA,
+            class_agnostic_two_stage=not sd.EFF_SPECIFIC_HEAD)
+        return {"backbone": backbone, "in_features": in_features, "transformer": transformer, "criterion": criterion,
+                "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
+                "num_feature_levels": sd.NUM_FEATURE_LEVELS, "num_detections": sd.NUM_DETECTIONS}
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ---- input ---------------------------------------------------------------------------------------
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        images = [((x["image"].to(self.device) - self.pixel_mean) / self.pixel_std) for x in batched_inputs]
+        return ImageList.from_tensors(images)
+
+    def flatten_features(self, images: ImageList) -> FlatFeatures:
+        """Backbone, input projections and extra levels, masks, position and level embeddings, flattened.
+
+        Masks are made on the host from the image sizes: each level's mask is the image mask resized
+        with nearest interpolation, and every count derived from them stays a host value.
+        """
+        features = self.backbone(images.tensor)
+        maps = [proj(features[f]) for proj, f in zip(self.input_proj, self.in_features)]
+        for proj in self.input_proj[len(maps):]:
+            maps.append(proj(features[self.in_features[-1]] if len(maps) == len(self.in_features) else maps[-1]))
+
+        n, _, height, width = images.tensor.shape
+        sizes = torch.tensor(images.image_sizes)  # (N, 2) (h, w)
+        image_mask = ((torch.arange(height)[None, :, None] >= sizes[:, 0, None, None])
+                      | (torch.arange(width)[None, None, :] >= sizes[:, 1, None, None]))
+        tokens, pos, masks, shapes, valid_sizes = [], [], [], [], []
+        for level, feature in enumerate(maps):
+            mask = F.interpolate(image_mask[None].float(), size=feature.shape[-2:]).bool()[0]
+            valid_sizes.append(torch.stack([(~mask[:, 0, :]).sum(1), (~mask[:, :, 0]).sum(1)], -1))
+            masks.append(mask.flatten(1))
+            shapes.append(feature.shape[-2:])
+            level_pos = sine_position_embedding(mask.to(self.device), feature.shape[1] // 2).to(feature.dtype)
+            tokens.append(feature.flatten(2).transpose(1, 2))
+            pos.append(level_pos.flatten(2).transpose(1, 2) + self.transformer.level_embed[level].view(1, 1, -1))
+        spatial_shapes = torch.tensor(shapes, dtype=torch.long)
+        level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
+        padding_mask = torch.cat(masks, 1)
+        valid_sizes = torch.stack(valid_sizes, 1)  # (N, L, 2) (w, h)
+        valid_ratios = valid_sizes.float() / spatial_shapes.flip(-1).float()
+        to_device = dict(device=self.device, non_blocking=True)
+        return FlatFeatures(
+            tokens=torch.cat(tokens, 1), pos=torch.cat(pos, 1), padding_mask=padding_mask.to(**to_device),
+            spatial_shapes=spatial_shapes.to(**to_device), level_start_index=level_start_index.to(**to_device),
+            valid_ratios=valid_ratios.to(**to_device), valid_sizes=valid_sizes.to(**to_device),
+            valid_token_counts=(~padding_mask).sum(1).tolist())
+
+    def predict(self, batched_inputs: List[Dict]) -> TransformerOutput:
+        """Raw predictions of every output set (see :class:`TransformerOutput`), for analysis tools.
+
+        They include every decoder layer's logits and boxes, the two-stage and encoder auxiliary outputs,
+        the kept-token indices with n_i per image, and the decoder's sampling locations and attention
+        weights (the DAM's ingredients).
+        """
+        return self.transformer(self.flatten_features(self.preprocess_image(batched_inputs)))
+
+    # ---- forward -------------------------------------------------------------------------------------
+
+    def forward(self, batched_inputs: List[Dict]):
+        images = self.preprocess_image(batched_inputs)
+        out = self.transformer(self.flatten_features(images))
+        if self.training:
+            targets = self.prepare_targets(batched_inputs, images, out.pred_boxes[-1].dtype)
+            metrics = {}
+            losses = self.criterion(out, targets, metrics)
+            try:
+                storage = get_event_storage()
+            except AssertionError:  # outside a trainer: nowhere to log
+                storage = None
+            if storage is not None:
+                storage.put_scalars(**metrics)
+            return losses
+        results = self.inference(out.pred_logits[-1], out.pred_boxes[-1], images.image_sizes)
+        return [{"instances": detector_postprocess(r, x.get("height", r.image_size[0]), x.get("width", r.image_size[1]))}
+                for r, x in zip(results, batched_inputs)]
+
+    def prepare_targets(self, batched_inputs: List[Dict], images: ImageList, dtype: torch.dtype):
+        targets = []
+        for x, (h, w) in zip(batched_inputs, images.image_sizes):
+            if "instances" not in x:
+                raise ValueError("training needs ground truth: every input dict must have 'instances'")
+            inst = x["instances"].to(self.device)
+            scale = torch.tensor([w, h, w, h], dtype=dtype, device=self.device)
+            boxes = box_convert(inst.gt_boxes.tensor.to(dtype) / scale, "xyxy", "cxcywh")
+            targets.append({"labels": inst.gt_classes, "boxes": boxes})
+        return targets
+
+    def inference(self, logits: Tensor, boxes: Tensor, image_sizes) -> List[Instances]:
+        """Top detections over queries x classes; boxes to absolute xyxy of each (unpadded) input image."""
+        num_classes = logits.shape[-1]
+        scores, index = logits.sigmoid().flatten(1).topk(min(self.num_detections, logits[0].numel()), dim=1)
+        query = torch.div(index, num_classes, rounding_mode="floor")
+        boxes = box_convert(boxes, "cxcywh", "xyxy").gather(1, query[..., None].expand(-1, -1, 4))
+        results = []
+        for i, (h, w) in enumerate(image_sizes):
+            r = Instances((h, w))
+            r.pred_boxes = Boxes(boxes[i] * boxes.new_tensor([w, h, w, h]))
+            r.scores = scores[i]
+            r.pred_classes = index[i] % num_classes
+            results.append(r)
+        return results

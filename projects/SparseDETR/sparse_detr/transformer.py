@@ -1,0 +1,361 @@
+"""The deformable transformer of (Sparse) Deformable DETR: sparse encoder, two-stage proposals, decoder, heads.
+
+Paper names: the scoring network predicts the decoder cross-attention map (DAM) from backbone tokens;
+the encoder updates only the top-rho tokens (queries) while attending to the whole token map (keys);
+encoder auxiliary heads detect objects from the selected tokens; the two-stage head picks the top
+proposals whose boxes initialise the decoder (Efficient DETR's query initialisation optionally also
+takes their content).
+"""
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import MSDeformAttn
+
+__all__ = ["SparseDeformableTransformer", "TransformerOutput", "FlatFeatures", "inverse_sigmoid"]
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def sine_box_embedding(boxes_unact: Tensor, num_feats: int, temperature: float = 10000.0) -> Tensor:
+    """Sine embedding of sigmoid(boxes): (N, Q, 4) logits -> (N, Q, 4 * num_feats), x, y, w, h blocks."""
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=boxes_unact.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_feats)
+    pos = boxes_unact.sigmoid()[..., None] * (2 * math.pi) / dim_t
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(2)
+
+
+class MLP(nn.Module):
+    """Box head: ``num_layers`` linear layers with ReLU between them."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class TokenScorer(nn.Module):
+    """Scoring network: one logit per token predicting whether the decoder will attend to it (the DAM).
+
+    LayerNorm -> Linear -> GELU, then the second half of the features is averaged over the image's
+    tokens (global context) and concatenated to the first half (local), then an MLP d -> d/2 -> d/4 -> 1.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.layer1 = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.layer2 = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
+                                    nn.Linear(dim // 4, 1))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """(N, S, C) -> (N, S) logits."""
+        z = self.layer1(tokens)
+        local, global_ = z.split(z.shape[-1] // 2, dim=-1)
+        global_ = global_.mean(dim=1, keepdim=True).expand_as(local)
+        return self.layer2(torch.cat([local, global_], dim=-1)).squeeze(-1)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d_model, dim_feedforward, dropout, n_levels, n_heads, n_points):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, query, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask):
+        """query (N, Lq, C) attends to memory (N, S, C); returns the updated query and the attention sampling."""
+        attn = self.self_attn(query + query_pos, reference_points, memory, spatial_shapes, level_start_index,
+                              padding_mask)
+        x = self.norm1(query + self.dropout1(attn.output))
+        x = self.norm2(x + self.dropout3(self.linear2(self.dropout2(F.relu(self.linear1(x))))))
+        return x, attn
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d_model, dim_feedforward, dropout, n_levels, n_heads, n_points):
+        super().__init__()
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask):
+        q = tgt + query_pos
+        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, q, tgt, need_weights=False)[0]))
+        attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
+                               padding_mask)
+        tgt = self.norm1(tgt + self.dropout1(attn.output))
+        tgt = self.norm3(tgt + self.dropout4(self.linear2(self.dropout3(F.relu(self.linear1(tgt))))))
+        return tgt, attn
+
+
+@dataclass
+class FlatFeatures:
+    """All feature levels flattened into one token axis (S = sum of H_l * W_l).
+
+    Every shape and count here that depends on image sizes was computed on the host, from the
+    padding masks, so the sparse selection needs no device synchronisation.
+    """
+
+    tokens: Tensor  # (N, S, C) projected backbone features
+    pos: Tensor  # (N, S, C) sine position embedding + level embedding
+    padding_mask: Tensor  # (N, S) bool, True at padded tokens
+    spatial_shapes: Tensor  # (L, 2) int64 (H, W)
+    level_start_index: Tensor  # (L,)
+    valid_ratios: Tensor  # (N, L, 2) (w, h) share of unpadded columns / rows of each level
+    valid_sizes: Tensor  # (N, L, 2) (w, h) unpadded columns / rows of each level
+    valid_token_counts: List[int]  # per image, unpadded tokens over all levels
+
+
+@dataclass
+class TransformerOutput:
+    """Raw predictions of every output set, for the criterion, inference and analysis tools."""
+
+    pred_logits: List[Tensor]  # per decoder layer, (N, Q, K)
+    pred_boxes: List[Tensor]  # per decoder layer, (N, Q, 4) normalised cxcywh
+    enc_logits: Optional[Tensor] = None  # two-stage head, (N, S, K)
+    enc_boxes: Optional[Tensor] = None  # (N, S, 4)
+    enc_aux_logits: List[Tensor] = field(default_factory=list)  # per encoder layer but the last, (N, k, K)
+    enc_aux_boxes: List[Tensor] = field(default_factory=list)  # (N, k, 4)
+    token_scores: Optional[Tensor] = None  # (N, S) scoring-network logits, padded tokens set to the batch minimum
+    kept_tokens: Optional[Tensor] = None  # (N, k) indices of the selected tokens, best first
+    sparse_token_nums: Optional[Tensor] = None  # (N,) n_i, the tokens written back per image
+    dec_sampling_locations: Optional[Tensor] = None  # (N, D, Q, M, L, P, 2)
+    dec_attention_weights: Optional[Tensor] = None  # (N, D, Q, M, L, P)
+    spatial_shapes: Optional[Tensor] = None
+    level_start_index: Optional[Tensor] = None
+    padding_mask: Optional[Tensor] = None  # (N, S)
+
+
+class SparseDeformableTransformer(nn.Module):
+    """Encoder (dense or sparse), two-stage proposals, decoder with optional box refinement, and the heads.
+
+    The class and box heads are laid out as the authors' lists: decoder layers ``0 .. D-1``, then the
+    two-stage head at ``D``, then the encoder auxiliary heads; without box refinement and encoder
+    auxiliary loss a single head (index 0) serves all of them.
+    """
+
+    def __init__(self, *, num_classes: int, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
+                 num_decoder_layers: int = 6, dim_feedforward: int = 1024, dropout: float = 0.1,
+                 num_feature_levels: int = 4, enc_n_points: int = 4, dec_n_points: int = 4,
+                 num_queries: int = 300, two_stage: bool = False, with_box_refine: bool = False,
+                 eff_query_init: bool = False, eff_specific_head: bool = False, rho: float = 0.0,
+                 use_enc_aux_loss: bool = False):
+        super().__init__()
+        if eff_query_init and not two_stage:
+            raise ValueError("EFF_QUERY_INIT takes its queries from the two-stage proposals: it needs TWO_STAGE")
+        if use_enc_aux_loss and rho <= 0:
+            raise ValueError("USE_ENC_AUX_LOSS applies to the sparse encoder's selected tokens: it needs RHO > 0")
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"RHO is a keeping ratio in [0, 1], got {rho}")
+        self.d_model, self.num_queries = d_model, num_queries
+        self.two_stage, self.with_box_refine = two_stage, with_box_refine
+        self.eff_query_init, self.eff_specific_head = eff_query_init, eff_specific_head
+        self.rho, self.use_enc_aux_loss = rho, use_enc_aux_loss
+        self.num_decoder_layers, self.num_encoder_layers = num_decoder_layers, num_encoder_layers
+
+        layer_args = (d_model, dim_feedforward, dropout, num_feature_levels, nhead)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(EncoderLayer(*layer_args, enc_n_points) for _ in range(num_encoder_layers))
+        self.decoder = nn.Module()
+        self.decoder.layers = nn.ModuleList(DecoderLayer(*layer_args, dec_n_points) for _ in range(num_decoder_layers))
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        if two_stage or rho > 0:
+            self.enc_output = nn.Linear(d_model, d_model)
+            self.enc_output_norm = nn.LayerNorm(d_model)
+        if rho > 0:
+            self.enc_mask_predictor = TokenScorer(d_model)
+        if two_stage:
+            self.pos_trans = nn.Linear(2 * d_model, d_model if eff_query_init else 2 * d_model)
+            self.pos_trans_norm = nn.LayerNorm(d_model if eff_query_init else 2 * d_model)
+        else:
+            self.query_embed = nn.Embedding(num_queries, 2 * d_model)
+            self.reference_points = nn.Linear(d_model, 2)
+
+        self.separate_heads = with_box_refine or use_enc_aux_loss
+        num_heads = num_decoder_layers + int(two_stage) + (num_encoder_layers - 1) * int(use_enc_aux_loss)
+        class_head, box_head = nn.Linear(d_model, num_classes), MLP(d_model, d_model, 4, 3)
+        count = num_heads if self.separate_heads else 1
+        self.class_embed = nn.ModuleList(copy.deepcopy(class_head) for _ in range(count))
+        self.bbox_embed = nn.ModuleList(copy.deepcopy(box_head) for _ in range(count))
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m.reset_parameters()
+        nn.init.normal_(self.level_embed)
+        if not self.two_stage:
+            nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
+            nn.init.zeros_(self.reference_points.bias)
+        prior_bias = -math.log((1 - 0.01) / 0.01)
+        for head in self.class_embed:
+            nn.init.constant_(head.bias, prior_bias)
+        for i, head in enumerate(self.bbox_embed):
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+            nn.init.constant_(head.layers[-1].bias[2:], 0.0 if self.two_stage or i > 0 else -2.0)
+
+    def _head(self, index: int):
+        i = index if self.separate_heads else 0
+        return self.class_embed[i], self.bbox_embed[i]
+
+    # ---- token-grid geometry (depends on masks only) -------------------------------------------------
+
+    @staticmethod
+    def encoder_reference_points(flat: FlatFeatures) -> Tensor:
+        """(N, S, L, 2): each token's cell centre normalised by its level's valid size, seen on every level."""
+        points = []
+        for level, (h, w) in enumerate(flat.spatial_shapes.tolist()):
+            ys, xs = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=flat.tokens.device),
+                                    torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=flat.tokens.device),
+                                    indexing="ij")
+            ratio = flat.valid_ratios[:, None, level]
+            points.append(torch.stack([xs.reshape(1, -1) / (ratio[..., 0] * w), ys.reshape(1, -1) / (ratio[..., 1] * h)], -1))
+        return torch.cat(points, 1)[:, :, None] * flat.valid_ratios[:, None]
+
+    @staticmethod
+    def proposals(flat: FlatFeatures):
+        """Two-stage proposals of every token: (N, S, 4) logits (+inf where padded or invalid), (N, S) validity."""
+        boxes = []
+        for level, (h, w) in enumerate(flat.spatial_shapes.tolist()):
+            ys, xs = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=torch.float32, device=flat.tokens.device),
+                                    torch.linspace(0, w - 1, w, dtype=torch.float32, device=flat.tokens.device),
+                                    indexing="ij")
+            grid = torch.stack([xs, ys], -1).reshape(1, -1, 2)
+            centres = (grid + 0.5) / flat.valid_sizes[:, None, level]
+            sizes = torch.full_like(centres, 0.05 * 2.0 ** level)
+            boxes.append(torch.cat([centres, sizes], -1))
+        boxes = torch.cat(boxes, 1)
+        valid = ((boxes > 0.01) & (boxes < 0.99)).all(-1) & ~flat.padding_mask
+        logits = torch.log(boxes / (1 - boxes)).masked_fill(~valid[..., None], float("inf"))
+        return logits, valid
+
+    def _project_memory(self, tokens: Tensor, valid: Tensor) -> Tensor:
+        return self.enc_output_norm(self.enc_output(tokens.masked_fill(~valid[..., None], 0.0)))
+
+    # ---- forward ------------------------------------------------------------------------------------
+
+    def forward(self, flat: FlatFeatures) -> TransformerOutput:
+        out = TransformerOutput(pred_logits=[], pred_boxes=[], spatial_shapes=flat.spatial_shapes,
+                                level_start_index=flat.level_start_index, padding_mask=flat.padding_mask)
+        need_proposals = self.two_stage or self.rho > 0
+        proposals, proposal_valid = self.proposals(flat) if need_proposals else (None, None)
+        memory = self._encode(flat, proposals, proposal_valid, out)
+        tgt, query_pos, reference = self._init_queries(flat, memory, proposals, proposal_valid, out)
+        self._decode(flat, memory, tgt, query_pos, reference, out)
+        return out
+
+    def _select_tokens(self, flat: FlatFeatures, proposal_valid: Tensor, out: TransformerOutput):
+        """Score every token, keep the top n_i = floor(rho * valid_i) + 1 per image (k = max n_i for all)."""
+        scores = self.enc_mask_predictor(self._project_memory(flat.tokens + flat.pos, proposal_valid))
+        scores = scores.masked_fill(flat.padding_mask, scores.min())
+        valid_counts = torch.tensor(flat.valid_token_counts, dtype=torch.float32)
+        sparse_token_nums = (valid_counts * self.rho).floor().long() + 1
+        k = min(int(sparse_token_nums.max()), scores.shape[1])
+        out.token_scores = scores
+        out.kept_tokens = scores.topk(k, dim=1).indices
+        out.sparse_token_nums = sparse_token_nums.to(scores.device, non_blocking=True)
+        return out.kept_tokens, out.sparse_token_nums
+
+    def _encode(self, flat: FlatFeatures, proposals, proposal_valid, out: TransformerOutput) -> Tensor:
+        reference = self.encoder_reference_points(flat)
+        memory = flat.tokens
+        attn_args = (flat.spatial_shapes, flat.level_start_index, flat.padding_mask)
+        if self.rho <= 0:
+            for layer in self.encoder.layers:
+                memory, _ = layer(memory, flat.pos, reference, memory, *attn_args)
+            return memory
+
+        kept, sparse_token_nums = self._select_tokens(flat, proposal_valid, out)
+        k = kept.shape[1]
+
+        def gather(x):
+            return x.gather(1, kept.view(*kept.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+
+        query, query_pos, query_ref = gather(memory), gather(flat.pos), gather(reference)
+        query_proposals = gather(proposals) if self.use_enc_aux_loss else None
+        # tokens beyond n_i of an image keep being updated as queries but are not written back
+        write_back = (torch.arange(k, device=kept.device)[None] < sparse_token_nums[:, None])[..., None]
+        index = kept[..., None].expand(-1, -1, memory.shape[-1])
+        for lid, layer in enumerate(self.encoder.layers):
+            query, _ = layer(query, query_pos, query_ref, memory, *attn_args)
+            memory = memory.scatter(1, index, torch.where(write_back, query, memory.gather(1, index)))
+            if self.use_enc_aux_loss and lid < self.num_encoder_layers - 1:
+                class_head, box_head = self._head(self.num_decoder_layers + 1 + lid)
+                out.enc_aux_logits.append(class_head(query))
+                out.enc_aux_boxes.append((box_head(query) + query_proposals).sigmoid())
+        return memory
+
+    def _init_queries(self, flat: FlatFeatures, memory: Tensor, proposals, proposal_valid, out: TransformerOutput):
+        n = memory.shape[0]
+        if not self.two_stage:
+            query_pos, tgt = self.query_embed.weight.split(self.d_model, dim=1)
+            query_pos = query_pos.unsqueeze(0).expand(n, -1, -1)
+            tgt = tgt.unsqueeze(0).expand(n, -1, -1)
+            return tgt, query_pos, self.reference_points(query_pos).sigmoid()
+
+        class_head, box_head = self._head(self.num_decoder_layers)
+        projected = self._project_memory(memory, proposal_valid)
+        out.enc_logits = class_head(projected)
+        enc_boxes_unact = proposals + box_head(projected)
+        out.enc_boxes = enc_boxes_unact.sigmoid()
+        objectness = out.enc_logits.max(-1).values if self.eff_specific_head else out.enc_logits[..., 0]
+        topk = objectness.topk(self.num_queries, dim=1).indices
+        boxes_unact = enc_boxes_unact.gather(1, topk[..., None].expand(-1, -1, 4)).detach()
+        pos = self.pos_trans_norm(self.pos_trans(sine_box_embedding(boxes_unact, self.d_model // 2)))
+        if self.eff_query_init:
+            tgt = memory.gather(1, topk[..., None].expand(-1, -1, memory.shape[-1]))
+            query_pos = pos
+        else:
+            query_pos, tgt = pos.split(self.d_model, dim=2)
+        return tgt, query_pos, boxes_unact.sigmoid()
+
+    def _decode(self, flat: FlatFeatures, memory, tgt, query_pos, reference, out: TransformerOutput):
+        locations, weights = [], []
+        for lid, layer in enumerate(self.decoder.layers):
+            ratios = flat.valid_ratios if reference.shape[-1] == 2 else torch.cat([flat.valid_ratios] * 2, -1)
+            tgt, attn = layer(tgt, query_pos, reference[:, :, None] * ratios[:, None], memory, flat.spatial_shapes,
+                              flat.level_start_index, flat.padding_mask)
+            locations.append(attn.sampling_locations)
+            weights.append(attn.attention_weights)
+            class_head, box_head = self._head(lid)
+            delta = box_head(tgt)
+            if reference.shape[-1] == 4:
+                boxes = (delta + inverse_sigmoid(reference)).sigmoid()
+            else:
+                boxes = torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()
+            out.pred_logits.append(class_head(tgt))
+            out.pred_boxes.append(boxes)
+            if self.with_box_refine:
+                reference = boxes.detach()
+        out.dec_sampling_locations = torch.stack(locations, 1)
+        out.dec_attention_weights = torch.stack(weights, 1)
