@@ -168,7 +168,10 @@ class SetCriterion(nn.Module):
         counts = torch.tensor([float(len(t["labels"])) for t in targets], device=confident.device)
         metrics["cardinality_error"] = F.l1_loss(confident, counts).item()
         if dam is not None:
-            kept = torch.zeros_like(dam, dtype=torch.bool).scatter_(1, out.kept_tokens, True)
-            kept &= ~out.padding_mask
-            metrics["dam_recall"] = ((dam * kept).sum() / dam.masked_fill(out.padding_mask, 0).sum().clamp(min=1e-12)).item()
+            # share of the DAM's mass on the tokens the encoder updated (the first n_i kept of image i)
+            k = out.kept_tokens.shape[1]
+            updated = torch.arange(k, device=dam.device)[None] < out.sparse_token_nums[:, None]
+            kept = torch.zeros_like(dam, dtype=torch.bool).scatter_(1, out.kept_tokens, updated) & ~out.padding_mask
+            mass = dam.masked_fill(out.padding_mask, 0)
+            metrics["dam_recall"] = ((mass * kept).sum() / mass.sum().clamp(min=1e-12)).item()
         return metrics
