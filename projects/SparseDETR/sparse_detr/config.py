@@ -83,3 +83,12 @@ def add_sparse_detr_config(cfg):
 
     # Images per batch at test time (the authors evaluate two at a time; padding changes the numbers).
     cfg.TEST.IMS_PER_BATCH = 1
+
+    # Training schedule in epochs: with EPOCHS > 0, SOLVER.MAX_ITER and SOLVER.STEPS are derived from the
+    # training set's size (EPOCHS x iterations an epoch, learning rate x GAMMA after each LR_DROP_EPOCHS).
+    cfg.SOLVER.EPOCHS = 0
+    cfg.SOLVER.LR_DROP_EPOCHS = [40]
+    # Mixed precision (SOLVER.AMP.ENABLED): "float16" (with a gradient scaler) or "bfloat16".
+    cfg.SOLVER.AMP.PRECISION = "float16"
+    # The crop branch of the DETR augmentation first resizes the shorter side to one of these.
+    cfg.INPUT.CROP_PRE_RESIZE = [400, 500, 600]

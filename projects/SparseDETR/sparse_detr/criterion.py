@@ -16,6 +16,11 @@ __all__ = ["HungarianMatcher", "SetCriterion", "decoder_attention_map", "dam_tar
 Targets = List[Dict[str, Tensor]]  # per image: "labels" (T,) int64, "boxes" (T, 4) normalised cxcywh
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    """Losses and matching costs in float32 (or float64) even when the model ran in half precision."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _xyxy(boxes: Tensor) -> Tensor:
     return box_convert(boxes, "cxcywh", "xyxy")
 
@@ -115,6 +120,7 @@ class SetCriterion(nn.Module):
     def set_losses(self, logits: Tensor, boxes: Tensor, targets: Targets, num_boxes: float,
                    suffix: str = "") -> Tuple[Dict[str, Tensor], List[Tuple[Tensor, Tensor]]]:
         """Match one output set to the targets and return its weighted losses (keys end in ``suffix``)."""
+        logits, boxes = _at_least_float32(logits), _at_least_float32(boxes)
         indices = self.matcher(logits, boxes, targets)
         batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
         src = torch.cat([s for s, _ in indices]).to(logits.device)
@@ -147,11 +153,12 @@ class SetCriterion(nn.Module):
 
         dam = None
         if out.token_scores is not None:
-            dam = decoder_attention_map(out.spatial_shapes, out.level_start_index, out.dec_sampling_locations,
-                                        out.dec_attention_weights)
+            dam = decoder_attention_map(out.spatial_shapes, out.level_start_index,
+                                        _at_least_float32(out.dec_sampling_locations),
+                                        _at_least_float32(out.dec_attention_weights))
             target = dam_target(dam, out.padding_mask, out.sparse_token_nums)
             losses["loss_mask_prediction"] = (
-                F.multilabel_soft_margin_loss(out.token_scores, target) * self.weight_mask_prediction)
+                F.multilabel_soft_margin_loss(_at_least_float32(out.token_scores), target) * self.weight_mask_prediction)
         if metrics is not None:
             metrics.update(self._metrics(out, targets, indices, dam))
         return losses

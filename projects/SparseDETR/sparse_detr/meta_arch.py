@@ -130,34 +130,43 @@ class SparseDETR(nn.Module):
         """Raw predictions of every output set (see :class:`TransformerOutput`), for analysis tools.
 
         They include every decoder layer's logits and boxes, the two-stage and encoder auxiliary outputs,
-        the kept-token indices with n_i per image, and the decoder's sampling locations and attention
-        weights (the DAM's ingredients).
+        the kept-token indices with n_i per image, the decoder's sampling locations and attention weights
+        (the DAM's ingredients), and the (h, w) of each image as the model saw it.
+        ``postprocess(out, batched_inputs)`` turns them into Detectron2 results.
         """
-        return self.transformer(self.flatten_features(self.preprocess_image(batched_inputs)))
+        images = self.preprocess_image(batched_inputs)
+        out = self.transformer(self.flatten_features(images))
+        out.image_sizes = images.image_sizes
+        return out
 
     # ---- forward -------------------------------------------------------------------------------------
 
     def forward(self, batched_inputs: List[Dict]):
-        images = self.preprocess_image(batched_inputs)
-        out = self.transformer(self.flatten_features(images))
-        if self.training:
-            targets = self.prepare_targets(batched_inputs, images, out.pred_boxes[-1].dtype)
-            metrics = {}
-            losses = self.criterion(out, targets, metrics)
-            try:
-                storage = get_event_storage()
-            except AssertionError:  # outside a trainer: nowhere to log
-                storage = None
-            if storage is not None:
-                storage.put_scalars(**metrics)
-            return losses
-        results = self.inference(out.pred_logits[-1], out.pred_boxes[-1], images.image_sizes)
+        out = self.predict(batched_inputs)
+        if not self.training:
+            return self.postprocess(out, batched_inputs)
+        dtype = torch.promote_types(out.pred_boxes[-1].dtype, torch.float32)  # float32 under autocast
+        targets = self.prepare_targets(batched_inputs, out.image_sizes, dtype)
+        metrics = {}
+        losses = self.criterion(out, targets, metrics)
+        try:
+            storage = get_event_storage()
+        except AssertionError:  # outside a trainer: nowhere to log
+            storage = None
+        if storage is not None:
+            storage.put_scalars(**metrics)
+        return losses
+
+    def postprocess(self, out: TransformerOutput, batched_inputs: List[Dict]) -> List[Dict]:
+        """``[{"instances": Instances}]`` in each input's requested "height" x "width" (default: its own size)."""
+        results = self.inference(out.pred_logits[-1], out.pred_boxes[-1], out.image_sizes)
         return [{"instances": detector_postprocess(r, x.get("height", r.image_size[0]), x.get("width", r.image_size[1]))}
                 for r, x in zip(results, batched_inputs)]
 
-    def prepare_targets(self, batched_inputs: List[Dict], images: ImageList, dtype: torch.dtype):
+    def prepare_targets(self, batched_inputs: List[Dict], image_sizes, dtype: torch.dtype):
+        """Ground truth as normalised cxcywh boxes relative to each (unpadded) input image."""
         targets = []
-        for x, (h, w) in zip(batched_inputs, images.image_sizes):
+        for x, (h, w) in zip(batched_inputs, image_sizes):
             if "instances" not in x:
                 raise ValueError("training needs ground truth: every input dict must have 'instances'")
             inst = x["instances"].to(self.device)

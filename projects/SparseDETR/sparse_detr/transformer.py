@@ -9,7 +9,7 @@ takes their content).
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +150,7 @@ class TransformerOutput:
     spatial_shapes: Optional[Tensor] = None
     level_start_index: Optional[Tensor] = None
     padding_mask: Optional[Tensor] = None  # (N, S)
+    image_sizes: List[Tuple[int, int]] = field(default_factory=list)  # (h, w) of each input, set by the meta-arch
 
 
 class SparseDeformableTransformer(nn.Module):

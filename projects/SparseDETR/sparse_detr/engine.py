@@ -1,0 +1,150 @@
+"""Training pieces that make runs resumable bit for bit, and mixed precision on any device.
+
+* :class:`ResumableTrainLoader`: the batch of iteration ``i`` depends only on (seed, i, rank): images come
+  from a seeded permutation per epoch and each image's augmentation is seeded by its position in the
+  stream, so a run resumed at iteration ``i`` sees exactly the batches of an uninterrupted run.
+* :class:`StepSeedHook`: reseeds torch before every iteration (dropout, drop path), for the same reason.
+* :class:`MixedPrecisionTrainer`: ``torch.autocast`` on the model's device (CPU or CUDA) in float16, with a
+  gradient scaler, or bfloat16.
+"""
+import itertools
+import logging
+import random
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from detectron2.engine import HookBase, SimpleTrainer
+from detectron2.utils.events import get_event_storage
+
+__all__ = ["ResumableTrainLoader", "StepSeedHook", "MixedPrecisionTrainer", "stream_seed"]
+
+logger = logging.getLogger(__name__)
+
+
+def stream_seed(seed: int, *position: int) -> int:
+    """A 32-bit seed for a position in a seeded stream (independent of how the stream is split)."""
+    return int(np.random.SeedSequence([seed % 2 ** 32, *position]).generate_state(1)[0])
+
+
+def _identity(batch):
+    return batch
+
+
+class _BatchStream(IterableDataset):
+    def __init__(self, loader: "ResumableTrainLoader", start_iter: int):
+        self.loader, self.start_iter = loader, start_iter
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        iteration = self.start_iter + worker
+        while True:
+            yield self.loader.batch(iteration)
+            iteration += num_workers
+
+
+class ResumableTrainLoader:
+    """Infinite stream of training batches (lists of mapped dataset dicts) starting at ``start_iter``.
+
+    Sample ``p`` of the global stream (``p = (iteration * world_size + rank) * batch_size + j``) is image
+    ``perm_e[p mod n]`` of epoch ``e = p // n``, where ``perm_e`` is a permutation seeded by (seed, e); the
+    mapper runs with numpy's and Python's global generators seeded by (seed, p). An image the mapper
+    cannot read (it returns None) is replaced by the next one of the permutation.
+    """
+
+    def __init__(self, dataset: List[Dict], mapper: Callable[[Dict], Optional[Dict]], *, batch_size: int,
+                 seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0):
+        if not dataset:
+            raise ValueError("the training set is empty")
+        self.dataset, self.mapper = dataset, mapper
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.start_iter = 0
+        self._permutation_epoch, self._permutation = None, None
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.dataset))
+        if epoch != self._permutation_epoch:
+            self._permutation = np.random.default_rng(stream_seed(self.seed, epoch)).permutation(len(self.dataset))
+            self._permutation_epoch = epoch
+        return int(self._permutation[offset])
+
+    def sample(self, position: int) -> Dict:
+        for attempt in range(len(self.dataset)):
+            seed = stream_seed(self.seed, position, attempt)
+            np.random.seed(seed)
+            random.seed(seed)
+            mapped = self.mapper(dict(self.dataset[self._index(position + attempt)]))
+            if mapped is not None:
+                return mapped
+        raise RuntimeError("no image of the training set could be read")
+
+    def batch(self, iteration: int) -> List[Dict]:
+        first = (iteration * self.world_size + self.rank) * self.batch_size
+        return [self.sample(first + j) for j in range(self.batch_size)]
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return (self.batch(i) for i in itertools.count(self.start_iter))
+        # workers take iterations round-robin, and the DataLoader returns them in that same order
+        return iter(DataLoader(_BatchStream(self, self.start_iter), batch_size=None, num_workers=self.num_workers,
+                              collate_fn=_identity, persistent_workers=False))
+
+
+class StepSeedHook(HookBase):
+    """Seed torch's generators from (seed, iteration, rank) before every step."""
+
+    def __init__(self, seed: int, rank: int = 0):
+        self.seed, self.rank = seed, rank
+
+    def before_step(self):
+        torch.manual_seed(stream_seed(self.seed, self.trainer.iter, self.rank))
+
+
+class MixedPrecisionTrainer(SimpleTrainer):
+    """SimpleTrainer under ``torch.autocast`` on the model's device; float16 uses a gradient scaler."""
+
+    def __init__(self, model, data_loader, optimizer, precision: torch.dtype = torch.float16, **kwargs):
+        super().__init__(model, data_loader, optimizer, **kwargs)
+        if precision not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"mixed precision is float16 or bfloat16, got {precision}")
+        self.precision = precision
+        self.device_type = next(model.parameters()).device.type
+        self.grad_scaler = torch.amp.GradScaler(self.device_type) if precision == torch.float16 else None
+
+    def run_step(self):
+        assert self.model.training, "[MixedPrecisionTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with torch.autocast(self.device_type, dtype=self.precision):
+            loss_dict = self.model(data)
+        losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        if self.grad_scaler is None:
+            losses.backward()
+        else:
+            self.grad_scaler.scale(losses).backward()
+        self.after_backward()
+        self._write_metrics(loss_dict, data_time)
+        if self.grad_scaler is None:
+            self.optimizer.step()
+        else:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+            get_event_storage().put_scalar("[metric]grad_scale", self.grad_scaler.get_scale(), smoothing_hint=False)
+
+    def state_dict(self):
+        state = super().state_dict()
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])

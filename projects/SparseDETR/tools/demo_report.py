@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Pictures and numbers of a finished training run: curves, predictions on val images, kept tokens.
+
+    python projects/SparseDETR/tools/demo_report.py --config-file projects/SparseDETR/configs/demo.yaml \\
+        --output-dir output/demo [--num-images 8] [--confidence-threshold 0.5]
+
+Reads ``metrics.json`` and ``model_final.pth`` from the output folder and writes there:
+``training_curves.png``, ``predictions/*.png`` (Detectron2 Visualizer, predictions beside ground truth),
+``kept_tokens/*.png`` (the tokens the sparse encoder updated on each level), ``results.json``.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog, detection_utils  # noqa: E402
+from detectron2.data import transforms as T  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+from detectron2.utils.visualizer import Visualizer  # noqa: E402
+
+import sparse_detr  # noqa: E402
+from sparse_detr.checkpoint import SparseDETRCheckpointer  # noqa: E402
+from sparse_detr.visualization import draw_kept_tokens, kept_token_masks  # noqa: E402
+
+logger = logging.getLogger("sparse_detr.report")
+CURVES = [("total_loss", "total loss"), ("loss_ce", "classification (last layer)"),
+          ("loss_bbox", "L1 box (last layer)"), ("loss_giou", "GIoU (last layer)"),
+          ("loss_mask_prediction", "DAM prediction"), ("dam_recall", "DAM recall of kept tokens")]
+
+
+def read_metrics(path):
+    records = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                records.append(json.loads(line))
+    return records
+
+
+def plot_curves(records, target):
+    present = [(k, title) for k, title in CURVES if any(k in r for r in records)]
+    fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.2), squeeze=False)
+    for ax, (key, title) in zip(axes[0], present):
+        points = [(r["iteration"], r[key]) for r in records if key in r]
+        ax.plot(*zip(*points), lw=1.4)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+
+
+def evaluation_results(records):
+    """The last evaluation's COCO box metrics found in metrics.json."""
+    for record in reversed(records):
+        boxes = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("bbox/")}
+        if boxes:
+            return {"iteration": record["iteration"], "bbox": boxes}
+    return None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--num-images", type=int, default=8)
+    parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    args = parser.parse_args(argv)
+    setup_logger(name="sparse_detr")
+
+    metrics_file = os.path.join(args.output_dir, "metrics.json")
+    weights = os.path.join(args.output_dir, "model_final.pth")
+    for path in (metrics_file, weights):
+        if not os.path.isfile(path):
+            print(f"error: {path} does not exist: train first (train_net.py --config-file {args.config_file})",
+                  file=sys.stderr)
+            return 2
+    records = read_metrics(metrics_file)
+    plot_curves(records, os.path.join(args.output_dir, "training_curves.png"))
+
+    cfg = get_cfg()
+    sparse_detr.add_sparse_detr_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg).eval()
+    SparseDETRCheckpointer(model).load(weights)
+    dataset = cfg.DATASETS.TEST[0]
+    metadata = MetadataCatalog.get(dataset)
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    os.makedirs(os.path.join(args.output_dir, "predictions"), exist_ok=True)
+    os.makedirs(os.path.join(args.output_dir, "kept_tokens"), exist_ok=True)
+    for record in DatasetCatalog.get(dataset)[: args.num_images]:
+        image = detection_utils.read_image(record["file_name"], format="RGB")
+        resized = resize.get_transform(image).apply_image(image)
+        inputs = [{"image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)), dtype=torch.float32),
+                   "height": image.shape[0], "width": image.shape[1]}]
+        with torch.no_grad():
+            out = model.predict(inputs)
+            instances = model.postprocess(out, inputs)[0]["instances"]
+        instances = instances[instances.scores >= args.confidence_threshold]
+        predicted = Visualizer(image, metadata, scale=2.0).draw_instance_predictions(instances).get_image()
+        truth = Visualizer(image, metadata, scale=2.0).draw_dataset_dict(record).get_image()
+        gap = np.full((predicted.shape[0], 8, 3), 255, np.uint8)
+        name = os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png"
+        plt.imsave(os.path.join(args.output_dir, "predictions", name), np.concatenate([predicted, gap, truth], 1))
+        if out.kept_tokens is not None:
+            panels = draw_kept_tokens(np.kron(resized, np.ones((2, 2, 1), np.uint8)), kept_token_masks(out, 0),
+                                      out.image_sizes[0])
+            plt.imsave(os.path.join(args.output_dir, "kept_tokens", name), panels)
+
+    results = {"evaluation": evaluation_results(records), "iterations": records[-1]["iteration"] + 1 if records else 0,
+               "pictures": {"curves": "training_curves.png", "predictions (left) and ground truth (right)":
+                            "predictions/", "kept tokens per level": "kept_tokens/"}}
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    evaluation = results["evaluation"]
+    if evaluation:
+        logger.info("box AP %.1f, AP50 %.1f, AP75 %.1f (val, iteration %d)", evaluation["bbox"]["AP"],
+                    evaluation["bbox"]["AP50"], evaluation["bbox"]["AP75"], evaluation["iteration"] + 1)
+    logger.info("pictures and results.json written to %s", args.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

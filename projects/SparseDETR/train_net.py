@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""Train and evaluate Sparse DETR (and the Deformable / Efficient DETR rows) with Detectron2.
+
+    python projects/SparseDETR/train_net.py --config-file projects/SparseDETR/configs/sparse_detr_r50_rho0.1.yaml --num-gpus 8
+    python projects/SparseDETR/train_net.py --config-file ... --eval-only MODEL.WEIGHTS model.pth
+    python projects/SparseDETR/train_net.py --config-file ... --resume
+"""
+import logging
+import os
+import weakref
+
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, build_detection_test_loader
+from detectron2.data import DatasetMapper
+from detectron2.engine import (DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, default_argument_parser,
+                               default_setup, default_writers, launch)
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+
+import sparse_detr
+from sparse_detr.checkpoint import SparseDETRCheckpointer
+from sparse_detr.dataset_mapper import DetrDatasetMapper
+from sparse_detr.datasets import check_dataset_files, check_num_classes, load_train_dicts
+from sparse_detr.engine import MixedPrecisionTrainer, ResumableTrainLoader, StepSeedHook
+from sparse_detr.solver import apply_epoch_schedule, build_optimizer
+
+logger = logging.getLogger("sparse_detr")
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with the DETR recipe: its optimizer, augmentation, a resumable loader, COCOEvaluator."""
+
+    def __init__(self, cfg):
+        # DefaultTrainer's construction, with DDP that also runs on CPU (gloo), unused-parameter detection,
+        # mixed precision in float16 or bfloat16 on any device, and atomic checkpoints.
+        TrainerBase.__init__(self)
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_gpu = next(model.parameters()).is_cuda
+        model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=True,
+                                 **({} if on_gpu else {"device_ids": None}))
+        if cfg.SOLVER.AMP.ENABLED:
+            self._trainer = MixedPrecisionTrainer(model, data_loader, optimizer,
+                                                  precision=getattr(torch, cfg.SOLVER.AMP.PRECISION))
+        else:
+            self._trainer = SimpleTrainer(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = SparseDETRCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        self._trainer.data_loader.start_iter = self.start_iter
+
+    def build_hooks(self):
+        return [StepSeedHook(self.cfg.SEED, comm.get_rank())] + super().build_hooks()
+
+    def build_writers(self):
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:  # tensorboard is optional: console and metrics.json only
+            return default_writers(self.cfg.OUTPUT_DIR, self.max_iter)[:2]
+        return default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        dicts = load_train_dicts(cfg.DATASETS.TRAIN, cfg.MODEL.SPARSE_DETR.NUM_CLASSES,
+                                 cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        return ResumableTrainLoader(dicts, DetrDatasetMapper(cfg, is_train=True),
+                                    batch_size=cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(),
+                                    seed=cfg.SEED, rank=comm.get_rank(), world_size=comm.get_world_size(),
+                                    num_workers=cfg.DATALOADER.NUM_WORKERS)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        check_dataset_files(dataset_name)
+        return build_detection_test_loader(cfg, dataset_name, mapper=DatasetMapper(cfg, is_train=False),
+                                           batch_size=cfg.TEST.IMS_PER_BATCH)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        check_num_classes(dataset_name, cfg.MODEL.SPARSE_DETR.NUM_CLASSES)
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+
+
+def setup(args):
+    """get_cfg -> add the Sparse DETR keys -> merge the file -> merge the command line -> freeze -> default_setup."""
+    cfg = get_cfg()
+    sparse_detr.add_sparse_detr_config(cfg)
+    if not os.path.isfile(args.config_file):
+        raise FileNotFoundError(f"config file {args.config_file!r} does not exist")
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    weights = cfg.MODEL.WEIGHTS
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"MODEL.WEIGHTS file {weights!r} does not exist")
+    if cfg.SOLVER.EPOCHS > 0 and not args.eval_only:
+        for name in cfg.DATASETS.TRAIN:
+            check_dataset_files(name)
+        apply_epoch_schedule(cfg, sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN))
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    # configuration and data errors (unknown key, missing file, wrong class count) end with one clear line
+    user_errors = (KeyError, FileNotFoundError, ValueError)
+    try:
+        cfg = setup(args)
+        if args.eval_only:
+            model = Trainer.build_model(cfg)
+            checkpointer = SparseDETRCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+            checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            return Trainer.test(cfg, model)
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+    except user_errors as e:
+        raise SystemExit(f"error: {e.args[0] if e.args else e}")
+    return trainer.train()
+
+
+def invoke_main() -> None:
+    args = default_argument_parser().parse_args()
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
+
+
+if __name__ == "__main__":
+    invoke_main()
