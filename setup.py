@@ -73,7 +73,7 @@ setup(
     description="Sparse DETR (ICLR'22) as a Detectron2 plugin",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["sparse_detr", "sparse_detr.layers"],
+    packages=["sparse_detr", "sparse_detr.data", "sparse_detr.layers"],
     package_dir={"sparse_detr": PACKAGE_DIR},
     install_requires=["torch", "torchvision", "fvcore", "pycocotools", "scipy", "matplotlib"],
     ext_modules=ext_modules,

@@ -101,7 +101,10 @@ def setup(args):
     if not os.path.isfile(args.config_file):
         raise FileNotFoundError(f"config file {args.config_file!r} does not exist")
     cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    try:
+        cfg.merge_from_list(args.opts)
+    except AssertionError as e:  # yacs asserts on unknown keys and odd-length override lists
+        raise KeyError(str(e)) from None
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
         raise FileNotFoundError(f"MODEL.WEIGHTS file {weights!r} does not exist")

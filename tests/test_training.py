@@ -1,0 +1,267 @@
+"""The training pipeline: augmentation, optimizer, train_net.py (train, eval, resume, two processes), errors."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.data import detection_utils
+from detectron2.modeling import build_model
+
+import sparse_detr
+from sparse_detr.dataset_mapper import DetrDatasetMapper
+from sparse_detr.engine import ResumableTrainLoader
+from sparse_detr.solver import apply_epoch_schedule, build_optimizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT = os.path.join(ROOT, "projects", "SparseDETR")
+TRAIN_NET = os.path.join(PROJECT, "train_net.py")
+DEMO_CONFIG = os.path.join(PROJECT, "configs", "demo.yaml")
+# a very small demo model on very small images: a few seconds per run
+TINY = ["MODEL.SPARSE_DETR.HIDDEN_DIM", "32", "MODEL.SPARSE_DETR.NHEADS", "2", "MODEL.SPARSE_DETR.ENC_LAYERS", "1",
+        "MODEL.SPARSE_DETR.DEC_LAYERS", "1", "MODEL.SPARSE_DETR.NUM_QUERIES", "10",
+        "MODEL.SPARSE_DETR.DIM_FEEDFORWARD", "32", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
+        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.EPOCHS", "0", "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0", "TEST.IMS_PER_BATCH", "2"]
+
+
+@pytest.fixture(scope="module")
+def shapes_env(tmp_path_factory):
+    """Environment for subprocesses: the generated dataset, small, in a temporary folder."""
+    root = tmp_path_factory.mktemp("shapes")
+    env = dict(os.environ, SPARSE_DETR_DATASETS=str(root), SPARSE_DETR_SHAPES_TRAIN_SIZE="12",
+               SPARSE_DETR_SHAPES_VAL_SIZE="4", OMP_NUM_THREADS="1")
+    return env
+
+
+def run_train_net(env, *args, expect_ok=True):
+    result = subprocess.run([sys.executable, TRAIN_NET, "--config-file", DEMO_CONFIG, *args], env=env,
+                            capture_output=True, text=True, timeout=600)
+    if expect_ok:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def demo_cfg(*opts):
+    cfg = get_cfg()
+    sparse_detr.add_sparse_detr_config(cfg)
+    cfg.merge_from_file(DEMO_CONFIG)
+    cfg.merge_from_list(list(TINY) + list(opts))
+    return cfg
+
+
+# ---- augmentation ----------------------------------------------------------------------------------
+
+def _record(tmp_path, boxes, size=(120, 160)):
+    image = (np.random.default_rng(0).random((*size, 3)) * 255).astype(np.uint8)
+    path = str(tmp_path / "image.png")
+    import cv2
+
+    cv2.imwrite(path, image)
+    return {"file_name": path, "height": size[0], "width": size[1], "image_id": 0,
+            "annotations": [{"bbox": b, "bbox_mode": 0, "category_id": 0, "iscrowd": 0} for b in boxes]}
+
+
+def test_mapper_keeps_boxes_inside_images_through_every_augmentation(tmp_path):
+    cfg = demo_cfg("INPUT.CROP.ENABLED", "True", "INPUT.CROP.SIZE", "(40, 80)", "INPUT.CROP_PRE_RESIZE", "(100,)",
+                   "INPUT.MIN_SIZE_TRAIN", "(64, 96)", "INPUT.MAX_SIZE_TRAIN", "200")
+    mapper = DetrDatasetMapper(cfg, is_train=True)
+    record = _record(tmp_path, [[5, 5, 30, 40], [100, 60, 159, 119], [60, 10, 90, 30]])
+    counts = set()
+    for seed in range(40):
+        np.random.seed(seed)
+        out = mapper(dict(record))
+        h, w = out["image"].shape[1:]
+        boxes = out["instances"].gt_boxes.tensor
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
+        assert (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all(), "empty boxes are dropped"
+        assert min(h, w) in (64, 96) or max(h, w) == 200
+        counts.add(len(boxes))
+    assert len(counts) > 1 and max(counts) == 3, "some crops drop boxes, others keep all of them"
+
+
+def test_mapper_keeps_images_without_objects_and_skips_unreadable_ones(tmp_path, caplog):
+    mapper = DetrDatasetMapper(demo_cfg(), is_train=True)
+    out = mapper(_record(tmp_path, []))
+    assert len(out["instances"]) == 0 and out["image"].shape[0] == 3
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    record = {"file_name": str(broken), "height": 10, "width": 10, "image_id": 1, "annotations": []}
+    with caplog.at_level("WARNING"):
+        assert mapper(record) is None
+    assert "broken.png" in caplog.text
+
+
+def test_resumable_loader_gives_the_same_batches_from_any_start():
+    dataset = [{"i": i} for i in range(7)]
+
+    def mapper(d):
+        return {"i": d["i"], "draw": np.random.randint(1 << 30)}
+
+    def batches(start, count, workers=0):
+        loader = ResumableTrainLoader(dataset, mapper, batch_size=3, seed=5, num_workers=workers)
+        loader.start_iter = start
+        it = iter(loader)
+        return [next(it) for _ in range(count)]
+
+    full = batches(0, 6)
+    assert batches(4, 2) == full[4:]
+    assert batches(2, 4, workers=2) == full[2:]
+    seen = [d["i"] for batch in full[:2] for d in batch] + [full[2][0]["i"]]
+    assert sorted(seen) == list(range(7)), "each epoch is a permutation of the dataset"
+
+
+# ---- optimizer --------------------------------------------------------------------------------------
+
+def test_optimizer_groups_learning_rates_and_total_norm_clipping():
+    cfg = demo_cfg("SOLVER.BASE_LR", "0.0002", "SOLVER.BACKBONE_MULTIPLIER", "0.1", "SOLVER.SQRT_LR_SCALING", "True",
+                   "SOLVER.IMS_PER_BATCH", "4", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "0.1")
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    scale = (4 / 16) ** 0.5
+    assert lrs == pytest.approx({"backbone": 2e-5 * scale, "linear_proj": 2e-5 * scale, "other": 2e-4 * scale})
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        assert group["weight_decay"] == pytest.approx(1e-4)
+        for p in group["params"]:
+            name = names[id(p)]
+            if group["name"] == "backbone":
+                assert name.startswith("backbone.")
+            elif group["name"] == "linear_proj":
+                assert "sampling_offsets" in name or "reference_points" in name
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(p.requires_grad for p in model.parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    total = torch.cat([p.grad.flatten() for g in optimizer.param_groups for p in g["params"]]).double().norm()
+    assert total == pytest.approx(0.1, rel=1e-4), "the norm of all gradients together is clipped to 0.1"
+
+
+def test_epoch_schedule():
+    cfg = demo_cfg("SOLVER.EPOCHS", "5", "SOLVER.LR_DROP_EPOCHS", "[4]", "SOLVER.IMS_PER_BATCH", "8")
+    apply_epoch_schedule(cfg, dataset_size=100)
+    assert cfg.SOLVER.MAX_ITER == 5 * 13 and cfg.SOLVER.STEPS == (4 * 13,)
+
+
+def test_bfloat16_autocast_training_step_is_finite():
+    cfg = demo_cfg()
+    model = build_model(cfg).train()
+    image = torch.rand(3, 64, 80) * 255
+    from detectron2.structures import Boxes, Instances
+
+    inst = Instances((64, 80), gt_boxes=Boxes(torch.tensor([[5.0, 6.0, 40.0, 50.0]])), gt_classes=torch.tensor([1]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model([{"image": image, "instances": inst}, {"image": image[:, :50], "instances": inst[:0]}])
+    total = sum(losses.values())
+    total.backward()
+    assert torch.isfinite(total)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ---- train_net.py -----------------------------------------------------------------------------------
+
+def test_train_then_eval_only(shapes_env, tmp_path):
+    out = str(tmp_path / "run")
+    run_train_net(shapes_env, *TINY, "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", out)
+    assert os.path.isfile(os.path.join(out, "model_final.pth"))
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
+    last = [m for m in metrics if "total_loss" in m][-1]
+    assert last["iteration"] == 3 and "loss_mask_prediction" in last and "dam_recall" in last
+    result = run_train_net(shapes_env, "--eval-only", *TINY, "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"),
+                           "OUTPUT_DIR", str(tmp_path / "eval"))
+    assert "copypaste: AP,AP50" in result.stdout + result.stderr
+    assert os.path.isfile(tmp_path / "eval" / "inference" / "coco_instances_results.json")
+
+
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(shapes_env, tmp_path):
+    common = [*TINY, "SOLVER.CHECKPOINT_PERIOD", "3", "SOLVER.STEPS", "(4,)", "MODEL.SPARSE_DETR.DROPOUT", "0.1"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run_train_net(shapes_env, *common, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", straight)
+    # stop after 3 iterations (as if killed after the checkpoint), then resume to 6
+    run_train_net(shapes_env, *common, "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", resumed)
+    os.remove(os.path.join(resumed, "model_final.pth"))
+    with open(os.path.join(resumed, "last_checkpoint"), "w") as f:
+        f.write("model_0000002.pth")
+    run_train_net(shapes_env, "--resume", *common, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", resumed)
+    a = torch.load(os.path.join(straight, "model_final.pth"), weights_only=False)
+    b = torch.load(os.path.join(resumed, "model_final.pth"), weights_only=False)
+    assert a["iteration"] == b["iteration"] == 5
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+TWO_PROCESS_SCRIPT = r"""
+import os, sys, torch
+sys.path.insert(0, {project!r})
+from detectron2.engine import launch
+from detectron2.utils import comm
+import train_net
+
+def main(args, out):
+    cfg = train_net.setup(args)
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+    torch.save(model.state_dict(), os.path.join(out, f"rank{{comm.get_rank()}}_initial.pth"))
+    trainer.train()
+    torch.save(model.state_dict(), os.path.join(out, f"rank{{comm.get_rank()}}.pth"))
+
+if __name__ == "__main__":
+    args = train_net.default_argument_parser().parse_args(sys.argv[2:])
+    launch(main, 2, dist_url="auto", args=(args, sys.argv[1]))
+"""
+
+
+def test_two_processes_train_identical_weights(shapes_env, tmp_path):
+    script = tmp_path / "two_process.py"
+    script.write_text(TWO_PROCESS_SCRIPT.format(project=PROJECT))
+    out = str(tmp_path / "ddp")
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), "--config-file", DEMO_CONFIG, *TINY,
+                             "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "4", "OUTPUT_DIR", out],
+                            env=shapes_env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "rank0.pth"), torch.load(tmp_path / "rank1.pth")
+    initial = torch.load(tmp_path / "rank0_initial.pth")
+    for key, value in rank0.items():
+        assert torch.equal(value, rank1[key]), key
+    assert sum(not torch.equal(v, initial[k]) for k, v in rank0.items()) > len(rank0) // 2, "training changed weights"
+
+
+# ---- errors -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["MODEL.SPARSE_DETR.NO_SUCH_KEY", "1"], "Non-existent key: MODEL.SPARSE_DETR.NO_SUCH_KEY"),
+    (["MODEL.WEIGHTS", "/nonexistent/weights.pth"], "MODEL.WEIGHTS file '/nonexistent/weights.pth' does not exist"),
+    (["MODEL.SPARSE_DETR.NUM_CLASSES", "7"], "has 5 classes but MODEL.SPARSE_DETR.NUM_CLASSES is 7"),
+    (["DATASETS.TRAIN", "('coco_2017_train',)"], "coco/annotations/instances_{train,val}2017.json"),
+])
+def test_clear_errors(shapes_env, tmp_path, args, message):
+    env = dict(shapes_env, DETECTRON2_DATASETS=str(tmp_path / "no_datasets"))
+    result = run_train_net(env, *TINY, "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(tmp_path / "out"), *args,
+                           expect_ok=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, "a clear one-line error, not a stack trace"
+
+
+def test_unknown_key_in_a_config_file(shapes_env, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"_BASE_: {DEMO_CONFIG}\nMODEL:\n  SPARSE_DETR:\n    RHOO: 0.2\n")
+    result = subprocess.run([sys.executable, TRAIN_NET, "--config-file", str(config)], env=shapes_env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Non-existent config key: MODEL.SPARSE_DETR.RHOO" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_file(shapes_env):
+    result = subprocess.run([sys.executable, TRAIN_NET, "--config-file", "/nonexistent.yaml"], env=shapes_env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "config file '/nonexistent.yaml' does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
