@@ -3,13 +3,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -q
 
-.PHONY: setup test clean
+DEMO_DIR ?= output/demo
+DEMO_CONFIG := projects/SparseDETR/configs/demo.yaml
+
+.PHONY: setup test demo clean
 
 setup:
 	@VENV=$(VENV) bash scripts/bootstrap.sh
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# Generate the shapes dataset (first run), train the demo model on the CPU, evaluate it, draw pictures.
+# --resume: an interrupted demo continues where it stopped; a finished one is only evaluated again.
+demo: setup
+	$(PY) projects/SparseDETR/train_net.py --resume --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_DIR)
+	$(PY) projects/SparseDETR/tools/demo_report.py --config-file $(DEMO_CONFIG) --output-dir $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -6,9 +6,31 @@ from torch import Tensor, nn
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
 from detectron2.modeling.backbone.swin import SwinTransformer
 
-__all__ = ["build_swin_backbone", "sine_position_embedding"]
+__all__ = ["build_narrow_resnet_backbone", "build_swin_backbone", "sine_position_embedding"]
+
+
+@BACKBONE_REGISTRY.register()
+def build_narrow_resnet_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """A ResNet of basic blocks with any width, for small models trained from scratch (the CPU demo).
+
+    Detectron2's ResNet-18/34 builder fixes the width at 64; this one reads ``MODEL.RESNETS.STEM_OUT_CHANNELS``,
+    ``RES2_OUT_CHANNELS`` (doubled at each later stage), ``NARROW_BLOCKS`` (blocks per stage), ``NORM``,
+    ``OUT_FEATURES`` and ``MODEL.BACKBONE.FREEZE_AT``, and builds Detectron2's own ResNet from BasicBlocks.
+    """
+    resnets = cfg.MODEL.RESNETS
+    norm = resnets.NORM
+    stem = BasicStem(in_channels=input_shape.channels, out_channels=resnets.STEM_OUT_CHANNELS, norm=norm)
+    in_channels, out_channels = resnets.STEM_OUT_CHANNELS, resnets.RES2_OUT_CHANNELS
+    stages = []
+    for index, num_blocks in enumerate(resnets.NARROW_BLOCKS):
+        stride = 1 if index == 0 else 2
+        stages.append(ResNet.make_stage(BasicBlock, num_blocks, in_channels=in_channels, out_channels=out_channels,
+                                        stride_per_block=[stride] + [1] * (num_blocks - 1), norm=norm))
+        in_channels, out_channels = out_channels, out_channels * 2
+    return ResNet(stem, stages, out_features=resnets.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
 
 
 @BACKBONE_REGISTRY.register()

@@ -123,7 +123,10 @@ def convert_checkpoint(src: str, dst: str) -> Dict[str, Tensor]:
     """Convert the file ``src`` (see the module docstring) into a Detectron2 checkpoint at ``dst``."""
     if not os.path.isfile(src):
         raise FileNotFoundError(f"no checkpoint at {src}")
-    checkpoint = torch.load(src, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = torch.load(src, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle, zip and EOF errors: whatever it is, it is not a checkpoint
+        raise ValueError(f"{src} is not a PyTorch checkpoint ({type(e).__name__}: {e}); expected {EXPECTED_INPUTS}")
     sd = convert_state_dict(checkpoint)
     save_checkpoint_atomically({"model": sd, "__author__": "sparse_detr.convert_checkpoint"}, dst)
     logger.info("converted %s -> %s (%d tensors)", src, dst, len(sd))

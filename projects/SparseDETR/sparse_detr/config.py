@@ -64,6 +64,9 @@ def add_sparse_detr_config(cfg):
     # Scale base learning rates by sqrt(IMS_PER_BATCH / 16), as the authors do for other batch sizes.
     cfg.SOLVER.SQRT_LR_SCALING = True
 
+    # Blocks per stage of "build_narrow_resnet_backbone" (basic blocks; width from RESNETS.RES2_OUT_CHANNELS).
+    cfg.MODEL.RESNETS.NARROW_BLOCKS = [1, 1, 1, 1]
+
     # Swin Transformer backbone (MODEL.BACKBONE.NAME = "build_swin_backbone"); defaults are Swin-T.
     cfg.MODEL.SWIN = CN()
     cfg.MODEL.SWIN.PATCH_SIZE = 4

@@ -168,8 +168,8 @@ class SetCriterion(nn.Module):
         logits = out.pred_logits[-1]
         matched_logits = torch.cat([lg[s.to(lg.device)] for lg, (s, _) in zip(logits, indices)])
         labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)])
-        metrics = {"class_error": 100.0 - (100.0 * (matched_logits.argmax(-1) == labels).float().mean().item()
-                                           if len(labels) else 100.0)}
+        accuracy = 100.0 * (matched_logits.argmax(-1) == labels).float().mean().item() if len(labels) else 0.0
+        metrics = {"class_error": 100.0 - accuracy}
         # predictions with a class probability above 0.5 against the number of objects, per image
         confident = (logits.sigmoid().max(-1).values > 0.5).sum(1).float()
         counts = torch.tensor([float(len(t["labels"])) for t in targets], device=confident.device)

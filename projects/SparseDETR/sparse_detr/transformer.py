@@ -207,8 +207,10 @@ class SparseDeformableTransformer(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self):
-        for p in self.parameters():
-            if p.dim() > 1:
+        # Xavier for the transformer's matrices; the heads and the query embedding keep PyTorch's defaults
+        # (nn.Linear's, N(0, 1) for the embedding), as in the authors' model where they live outside it
+        for name, p in self.named_parameters():
+            if p.dim() > 1 and not name.startswith(("class_embed.", "bbox_embed.", "query_embed.")):
                 nn.init.xavier_uniform_(p)
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
