@@ -1,45 +1,18 @@
 """add_sparse_detr_config: every key it adds can be set from a YAML file; unknown keys are refused."""
 import pytest
-from detectron2.config import get_cfg
+import yaml
+from detectron2.config import CfgNode, get_cfg
 
 from sparse_detr.config import add_sparse_detr_config
 
-# A value different from the default for every key the function adds.
-SPARSE_DETR_KEYS = {
-    "NUM_CLASSES": 91,
-    "NUM_QUERIES": 100,
-    "HIDDEN_DIM": 128,
-    "NHEADS": 4,
-    "ENC_LAYERS": 3,
-    "DEC_LAYERS": 2,
-    "DIM_FEEDFORWARD": 2048,
-    "DROPOUT": 0.0,
-    "NUM_FEATURE_LEVELS": 3,
-    "ENC_N_POINTS": 2,
-    "DEC_N_POINTS": 8,
-    "TWO_STAGE": True,
-    "WITH_BOX_REFINE": True,
-    "EFF_QUERY_INIT": True,
-    "EFF_SPECIFIC_HEAD": True,
-    "RHO": 0.1,
-    "USE_ENC_AUX_LOSS": True,
-    "CLS_LOSS_COEF": 1.5,
-    "BBOX_LOSS_COEF": 4.0,
-    "GIOU_LOSS_COEF": 3.0,
-    "MASK_PREDICTION_COEF": 0.5,
-    "SET_COST_CLASS": 1.0,
-    "SET_COST_BBOX": 4.0,
-    "SET_COST_GIOU": 1.0,
-    "FOCAL_ALPHA": 0.5,
-    "FOCAL_GAMMA": 1.0,
-    "NUM_DETECTIONS": 50,
+# SPEC §1: the five switches of the model family and the architecture's defaults (paper values).
+SPEC_DEFAULTS = {
+    "TWO_STAGE": False, "WITH_BOX_REFINE": False, "EFF_QUERY_INIT": False, "EFF_SPECIFIC_HEAD": False,
+    "RHO": 0.0, "USE_ENC_AUX_LOSS": False,
+    "HIDDEN_DIM": 256, "NHEADS": 8, "ENC_LAYERS": 6, "DEC_LAYERS": 6, "DIM_FEEDFORWARD": 1024, "DROPOUT": 0.1,
+    "NUM_FEATURE_LEVELS": 4, "ENC_N_POINTS": 4, "DEC_N_POINTS": 4, "NUM_QUERIES": 300,
 }
-SOLVER_KEYS = {
-    "BACKBONE_MULTIPLIER": 0.2,
-    "LINEAR_PROJ_MULTIPLIER": 0.5,
-    "OPTIMIZER": "SGD",
-    "SQRT_LR_SCALING": False,
-}
+SOLVER_KEYS = ["BACKBONE_MULTIPLIER", "LINEAR_PROJ_MULTIPLIER", "OPTIMIZER", "SQRT_LR_SCALING"]
 
 
 def sparse_detr_cfg():
@@ -48,52 +21,85 @@ def sparse_detr_cfg():
     return cfg
 
 
-def yaml_scalar(value):
-    return str(value).lower() if isinstance(value, bool) else str(value)
+def leaves(node, prefix=()):
+    """{(KEY, SUBKEY, ...): value} of every leaf of a config."""
+    found = {}
+    for key, value in node.items():
+        if isinstance(value, CfgNode):
+            found.update(leaves(value, prefix + (key,)))
+        else:
+            found[prefix + (key,)] = value
+    return found
 
 
-def test_keys_are_known_and_defaults_differ():
+def added_keys():
+    """Every leaf that add_sparse_detr_config adds to Detectron2's defaults, with its default."""
+    base = leaves(get_cfg())
+    return {path: value for path, value in leaves(sparse_detr_cfg()).items() if path not in base}
+
+
+def changed(value):
+    """A different value of the same type."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, str):
+        return value + "_CHANGED"
+    if isinstance(value, (list, tuple)):
+        return [changed(item) for item in value] + ([] if value else [1])
+    raise TypeError(f"no changed value for {value!r}")
+
+
+def test_spec_defaults():
     cfg = sparse_detr_cfg()
-    assert set(cfg.MODEL.SPARSE_DETR.keys()) == set(SPARSE_DETR_KEYS)
-    for key, value in SPARSE_DETR_KEYS.items():
-        assert cfg.MODEL.SPARSE_DETR[key] != value, key
-    for key, value in SOLVER_KEYS.items():
-        assert cfg.SOLVER[key] != value, key
-
-
-def test_paper_defaults():
-    sd = sparse_detr_cfg().MODEL.SPARSE_DETR
-    assert (sd.HIDDEN_DIM, sd.NHEADS, sd.ENC_LAYERS, sd.DEC_LAYERS, sd.DIM_FEEDFORWARD) == (256, 8, 6, 6, 1024)
-    assert (sd.NUM_FEATURE_LEVELS, sd.ENC_N_POINTS, sd.DEC_N_POINTS, sd.NUM_QUERIES) == (4, 4, 4, 300)
-    assert sd.DROPOUT == 0.1 and sd.RHO == 0.0
-
-
-def test_merge_yaml_sets_every_key(tmp_path):
-    model = "\n".join(f"    {key}: {yaml_scalar(value)}" for key, value in SPARSE_DETR_KEYS.items())
-    solver = "\n".join(f"  {key}: {yaml_scalar(value)}" for key, value in SOLVER_KEYS.items())
-    path = tmp_path / "sparse_detr.yaml"
-    path.write_text(f"MODEL:\n  SPARSE_DETR:\n{model}\nSOLVER:\n{solver}\n")
-    cfg = sparse_detr_cfg()
-    cfg.merge_from_file(str(path))
-    for key, value in SPARSE_DETR_KEYS.items():
+    for key, value in SPEC_DEFAULTS.items():
         assert cfg.MODEL.SPARSE_DETR[key] == value, key
-        assert type(cfg.MODEL.SPARSE_DETR[key]) is type(value), key
-    for key, value in SOLVER_KEYS.items():
-        assert cfg.SOLVER[key] == value, key
+
+
+def test_function_adds_model_and_solver_keys():
+    paths = added_keys()
+    assert {("MODEL", "SPARSE_DETR", key) for key in SPEC_DEFAULTS} <= set(paths)
+    assert {("SOLVER", key) for key in SOLVER_KEYS} <= set(paths)
+
+
+def test_merge_yaml_sets_every_added_key(tmp_path):
+    defaults = added_keys()
+    expected = {path: changed(value) for path, value in defaults.items()}
+    document = {}
+    for path, value in expected.items():
+        node = document
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    config_file = tmp_path / "sparse_detr.yaml"
+    config_file.write_text(yaml.safe_dump(document))
+
+    cfg = sparse_detr_cfg()
+    cfg.merge_from_file(str(config_file))
+    merged = leaves(cfg)
+    for path, value in expected.items():
+        got = merged[path]
+        if isinstance(got, (list, tuple)):
+            assert list(got) == value, ".".join(path)
+        else:
+            assert got == value and type(got) is type(defaults[path]), ".".join(path)
 
 
 def test_merge_list_sets_keys():
     cfg = sparse_detr_cfg()
-    cfg.merge_from_list(["MODEL.SPARSE_DETR.RHO", "0.3", "SOLVER.OPTIMIZER", "SGD"])
-    assert cfg.MODEL.SPARSE_DETR.RHO == 0.3 and cfg.SOLVER.OPTIMIZER == "SGD"
+    cfg.merge_from_list(["MODEL.SPARSE_DETR.RHO", "0.3", "MODEL.SPARSE_DETR.TWO_STAGE", "True",
+                         "SOLVER.OPTIMIZER", "SGD"])
+    assert cfg.MODEL.SPARSE_DETR.RHO == 0.3 and cfg.MODEL.SPARSE_DETR.TWO_STAGE is True
+    assert cfg.SOLVER.OPTIMIZER == "SGD"
 
 
 def test_unknown_key_raises(tmp_path):
-    path = tmp_path / "typo.yaml"
-    path.write_text("MODEL:\n  SPARSE_DETR:\n    KEEP_RATIO: 0.1\n")
+    config_file = tmp_path / "typo.yaml"
+    config_file.write_text("MODEL:\n  SPARSE_DETR:\n    KEEP_RATIO: 0.1\n")
     cfg = sparse_detr_cfg()
     with pytest.raises(KeyError, match="MODEL.SPARSE_DETR.KEEP_RATIO"):
-        cfg.merge_from_file(str(path))
+        cfg.merge_from_file(str(config_file))
 
 
 def test_get_cfg_alone_has_no_sparse_detr_keys():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sparse_detr.layers import DeformableAttentionOutput, MSDeformAttn, multi_scale_deformable_attention
+from sparse_detr.layers import ms_deform_attn as ms_deform_attn_module
 
 
 def reference_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -116,6 +117,23 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(op, (value, locations, weights), eps=1e-6, atol=1e-7)
 
 
+def test_query_chunks_match_reference(monkeypatch):
+    # 2 * 2 * 3 * 2 * 4 = 96 corners per query: 2 queries per chunk, the last chunk shorter
+    monkeypatch.setattr(ms_deform_attn_module, "_CPU_CHUNK_CORNERS", 200)
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(
+        [(3, 4), (2, 3), (1, 1)], batch=2, queries=5, heads=2, head_dim=3, points=2)
+    out = multi_scale_deformable_attention(value, spatial_shapes, level_start_index, locations, weights)
+    torch.testing.assert_close(out, reference_ms_deform_attn(value, spatial_shapes, level_start_index, locations,
+                                                             weights), rtol=0, atol=1e-10)
+    for tensor in (value, locations, weights):
+        tensor.requires_grad_(True)
+
+    def op(value, locations, weights):
+        return multi_scale_deformable_attention(value, spatial_shapes, level_start_index, locations, weights)
+
+    assert torch.autograd.gradcheck(op, (value, locations, weights), eps=1e-6, atol=1e-7)
+
+
 def test_float32_matches_float64_reference():
     inputs = make_inputs([(7, 9), (4, 5), (2, 3), (1, 1)], queries=6, heads=2, head_dim=32, points=4,
                          dtype=torch.float32)
@@ -155,6 +173,21 @@ def test_opcheck():
     args = (value.requires_grad_(True), spatial_shapes, level_start_index, locations.requires_grad_(True),
             weights.requires_grad_(True))
     torch.library.opcheck(torch.ops.sparse_detr.ms_deform_attn.default, args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_cuda_matches_cpu(dtype, tolerance):
+    inputs = make_inputs([(7, 9), (4, 5), (2, 3), (1, 1)], queries=6, heads=2, head_dim=32, points=4, dtype=dtype)
+    cpu = [tensor.clone().requires_grad_(tensor.is_floating_point()) for tensor in inputs]
+    cuda = [tensor.cuda().requires_grad_(tensor.is_floating_point()) for tensor in inputs]
+    grad_output = torch.randn(2, 6, 64, dtype=dtype)
+    out_cpu, out_cuda = multi_scale_deformable_attention(*cpu), multi_scale_deformable_attention(*cuda)
+    torch.testing.assert_close(out_cuda.cpu(), out_cpu, rtol=0, atol=tolerance)
+    out_cpu.backward(grad_output)
+    out_cuda.backward(grad_output.cuda())
+    for index in (0, 3, 4):
+        torch.testing.assert_close(cuda[index].grad.cpu(), cpu[index].grad, rtol=0, atol=10 * tolerance)
 
 
 class TestValidation:

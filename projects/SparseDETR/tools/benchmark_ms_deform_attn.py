@@ -11,6 +11,7 @@ largest difference between the two implementations' outputs.
     python projects/SparseDETR/tools/benchmark_ms_deform_attn.py --device cpu --dtype float32 --repeats 5
 """
 import argparse
+import math
 import statistics
 import time
 
@@ -46,15 +47,43 @@ def grid_sample_ms_deform_attn(value, spatial_shapes, level_start_index, samplin
     return out.view(n, m * d, num_queries).transpose(1, 2)
 
 
-def make_inputs(num_queries, device, dtype, seed=0):
+def token_centres():
+    """(S, 2) (x, y) centre of every token of the flattened levels, in [0, 1]."""
+    centres = []
+    for height, width in LEVEL_SHAPES:
+        y, x = torch.meshgrid((torch.arange(height) + 0.5) / height, (torch.arange(width) + 0.5) / width, indexing="ij")
+        centres.append(torch.stack([x, y], -1).view(-1, 2))
+    return torch.cat(centres)
+
+
+def make_inputs(num_queries, encoder, device, dtype, seed=0):
+    """Inputs as the model makes them: every head samples a few cells around the query's reference point.
+
+    Encoder queries are tokens (all of them in order for rho = 1, a random subset in score order
+    otherwise) with their own centre as reference point; decoder reference points are anywhere.
+    Offsets follow the initialisation (point p at p + 1 cells along the head's direction) plus
+    unit noise, at every level; some locations fall outside the map.
+    """
     generator = torch.Generator().manual_seed(seed)
     spatial_shapes = torch.tensor(LEVEL_SHAPES, dtype=torch.long)
     areas = spatial_shapes.prod(1)
     level_start_index = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
-    num_levels = len(LEVEL_SHAPES)
-    value = torch.randn(BATCH, int(areas.sum()), HEADS, HEAD_DIM, generator=generator)
-    # locations around the map, a few of them outside it, as after a few training steps
-    locations = torch.rand(BATCH, num_queries, HEADS, num_levels, POINTS, 2, generator=generator) * 1.1 - 0.05
+    num_tokens, num_levels = int(areas.sum()), len(LEVEL_SHAPES)
+    value = torch.randn(BATCH, num_tokens, HEADS, HEAD_DIM, generator=generator)
+    if encoder:
+        centres = token_centres()
+        tokens = torch.stack([torch.randperm(num_tokens, generator=generator)[:num_queries]
+                              if num_queries < num_tokens else torch.arange(num_tokens) for _ in range(BATCH)])
+        reference = centres[tokens]  # (N, Lq, 2)
+    else:
+        reference = torch.rand(BATCH, num_queries, 2, generator=generator)
+    angles = torch.arange(HEADS) * (2 * math.pi / HEADS)
+    directions = torch.stack([angles.cos(), angles.sin()], -1)
+    directions = directions / directions.abs().max(-1, keepdim=True).values
+    steps = directions.view(HEADS, 1, 1, 2) * torch.arange(1, POINTS + 1).view(1, 1, POINTS, 1)
+    offsets = steps + torch.randn(BATCH, num_queries, HEADS, num_levels, POINTS, 2, generator=generator)
+    level_sizes = spatial_shapes.flip(-1).view(num_levels, 1, 2)  # (W, H)
+    locations = reference.view(BATCH, num_queries, 1, 1, 1, 2) + offsets / level_sizes
     logits = torch.randn(BATCH, num_queries, HEADS, num_levels * POINTS, generator=generator)
     weights = logits.softmax(-1).view(BATCH, num_queries, HEADS, num_levels, POINTS)
     location_dtype = torch.promote_types(dtype, torch.float32)
@@ -80,8 +109,8 @@ def time_call(fn, device, warmup, repeats):
     return 1e3 * statistics.median(times)
 
 
-def benchmark_case(num_queries, device, dtype, warmup, repeats):
-    value, spatial_shapes, level_start_index, locations, weights = make_inputs(num_queries, device, dtype)
+def benchmark_case(num_queries, encoder, device, dtype, warmup, repeats):
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(num_queries, encoder, device, dtype)
     shapes_list, starts_list = spatial_shapes.tolist(), level_start_index.tolist()
     implementations = {
         "ours": lambda v, loc, w: multi_scale_deformable_attention(v, spatial_shapes, level_start_index, loc, w),
@@ -110,11 +139,14 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
 
     tokens = sum(h * w for h, w in LEVEL_SHAPES)
-    cases = [("encoder rho=0.1", int(0.1 * tokens)), ("encoder rho=1.0", tokens), ("decoder", 300)]
+    cases = [("encoder rho=0.1", int(0.1 * tokens), True), ("encoder rho=1.0", tokens, True), ("decoder", 300, False)]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__} | {where} | {args.dtype} | batch {BATCH}, levels {LEVEL_SHAPES}, "
           f"{HEADS} heads x {HEAD_DIM} ch, {POINTS} points | median of {args.repeats} after {args.warmup} warm-up")
@@ -122,8 +154,8 @@ def main():
               f" | {'max |diff|':>10}")
     print(header)
     print("-" * len(header))
-    for label, num_queries in cases:
-        results, difference = benchmark_case(num_queries, device, dtype, args.warmup, args.repeats)
+    for label, num_queries, encoder in cases:
+        results, difference = benchmark_case(num_queries, encoder, device, dtype, args.warmup, args.repeats)
         (ours_fwd, ours_fb), (grid_fwd, grid_fb) = results["ours"], results["grid_sample"]
         print(f"{label:<16} {num_queries:>7} | {ours_fwd:>7.1f}ms {ours_fb:>7.1f}ms | {grid_fwd:>7.1f}ms "
               f"{grid_fb:>7.1f}ms | {difference:>10.2e}")

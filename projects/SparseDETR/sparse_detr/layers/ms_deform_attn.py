@@ -9,8 +9,13 @@ level with bilinear weights, so the whole operator is one weighted gather-sum
     out[n, q, m] = sum_k  w[n, q, m, k] * value[n, idx[n, q, m, k], m]        (k over L * P * 4 corners)
 
 that ``F.embedding_bag`` computes in one fused pass, without materialising the gathered values.
-The backward uses the matching aten kernels (scatter-add into the value table, dot products for
-the per-corner weights) and differentiates the bilinear weights by hand.
+The backward differentiates the bilinear weights by hand; the value gradient is the transposed
+gather-sum, computed as another ``F.embedding_bag`` over the corners grouped by value row (one sort).
+
+Speed on the CPU: the queries are processed in chunks, so that temporaries stay small and the
+allocator reuses them instead of mapping (and page-faulting) fresh memory for every step, and the
+per-location arithmetic works on contiguous (N, Lq, M, L, P) tensors (x and y apart) against level
+constants broadcast over the leading dimensions only, which vectorises.
 """
 from typing import NamedTuple, Optional
 
@@ -23,6 +28,9 @@ from torch import Tensor, nn
 __all__ = ["multi_scale_deformable_attention", "MSDeformAttn", "DeformableAttentionOutput"]
 
 _EMBEDDING_BAG_SUM = 0
+# Corner entries per chunk of queries on the CPU: the largest temporaries are then 4-8 MB, below
+# glibc's largest mmap threshold (32 MB), so freed blocks are reused rather than unmapped.
+_CPU_CHUNK_CORNERS = 1 << 20
 
 
 def _compute_dtype(value: Tensor, sampling_locations: Tensor) -> torch.dtype:
@@ -30,60 +38,108 @@ def _compute_dtype(value: Tensor, sampling_locations: Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(value.dtype, torch.float32), sampling_locations.dtype)
 
 
-def _bilinear_corners(spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
-                      num_tokens: int, dtype: torch.dtype):
-    """Rows of the flattened value table and bilinear weights of the four cells around each location.
+def _index_dtype(value: Tensor) -> torch.dtype:
+    """int32 rows of the value table when they fit: half the memory traffic of int64."""
+    return torch.int32 if value.numel() // value.shape[-1] < 2 ** 31 else torch.int64
+
+
+def _query_chunks(num_queries: int, corners_per_query: int, device: torch.device) -> list:
+    """Slices of the query axis; a single slice off the CPU, where the caching allocator makes size cheap."""
+    if device.type != "cpu":
+        return [slice(0, num_queries)] if num_queries else []
+    step = max(1, _CPU_CHUNK_CORNERS // max(1, corners_per_query))
+    return [slice(start, start + step) for start in range(0, num_queries, step)]
+
+
+class _Levels(NamedTuple):
+    """Constants of each (head, level, point) slot, (1, 1, M, L, P), broadcast over images and queries."""
+    width: Tensor  # W_l, compute dtype
+    height: Tensor  # H_l
+    last_column: Tensor  # W_l - 1
+    last_row: Tensor  # H_l - 1
+    row_stride: Tensor  # W_l * M, index dtype: table rows between vertically adjacent cells
+    first_row: Tensor  # (N, 1, M, L, P) index dtype: table row of cell (0, 0) of level l, image n, head m
+
+
+def _levels(spatial_shapes: Tensor, level_start_index: Tensor, value: Tensor, points: int, dtype: torch.dtype,
+            index_dtype: torch.dtype) -> _Levels:
+    n, num_tokens, m, _ = value.shape
+    num_levels = spatial_shapes.shape[0]
+
+    def per_slot(level_values: Tensor, to_dtype: torch.dtype) -> Tensor:
+        return level_values.to(to_dtype).view(1, 1, 1, num_levels, 1).expand(1, 1, m, num_levels, points).contiguous()
+
+    height, width = spatial_shapes.unbind(1)
+    # row of (image n, token s, head m) in value.reshape(N * S * M, D) is (n * S + s) * M + m
+    image = torch.arange(n, dtype=index_dtype, device=value.device).view(n, 1, 1, 1, 1) * (num_tokens * m)
+    head = torch.arange(m, dtype=index_dtype, device=value.device).view(1, 1, m, 1, 1)
+    return _Levels(per_slot(width, dtype), per_slot(height, dtype), per_slot(width - 1, dtype),
+                   per_slot(height - 1, dtype), per_slot(width * m, index_dtype),
+                   image + head + per_slot(level_start_index * m, index_dtype))
+
+
+class _Axis(NamedTuple):
+    """Linear interpolation along x or y: the two cells around a coordinate, each (N, q, M, L, P)."""
+    cells: tuple  # (low, high) cell indices, clamped into the map (compute dtype, integral values)
+    weights: tuple  # (1 - frac, frac), 0 for a cell outside the map
+    inside: tuple  # 1.0 where the cell is inside the map, else 0.0
+
+
+def _axis(coordinate: Tensor, size: Tensor, last: Tensor) -> _Axis:
+    """Pixel centres at (i + 0.5) / size (``align_corners=False``), zeros outside the map."""
+    pixel = coordinate * size - 0.5
+    low = pixel.floor()
+    frac = pixel - low
+    high = low + 1.0
+    low_cell = low.clamp(min=0.0).minimum(last)
+    high_cell = high.clamp(min=0.0).minimum(last)
+    low_inside = (low_cell == low).to(coordinate.dtype)
+    high_inside = (high_cell == high).to(coordinate.dtype)
+    return _Axis((low_cell, high_cell), ((1.0 - frac) * low_inside, frac * high_inside), (low_inside, high_inside))
+
+
+class _Corners(NamedTuple):
+    rows: Tensor  # (N, q, M, L, P, 4) rows of value.reshape(N * S * M, D)
+    weights: Tensor  # (N, q, M, L, P, 4) attention weight x bilinear weight, 0 outside the map
+    x: _Axis
+    y: _Axis
+
+
+def _corners(levels: _Levels, sampling_locations: Tensor, attention_weights: Tensor, dtype: torch.dtype) -> _Corners:
+    """The four cells around each location and their weights, in the order (x0, y0), (x1, y0), (x0, y1), (x1, y1).
 
     Args:
-        spatial_shapes: (L, 2) int64 (H, W) of each level.
-        level_start_index: (L,) start of each level in the flattened token axis.
-        sampling_locations: (N, Lq, M, L, P, 2), (x, y) in [0, 1], pixel centres at (i + 0.5) / size.
-        num_tokens: S, the length of the flattened token axis.
-
-    Returns:
-        rows: (N, Lq, M, L, P, 4) int64 rows of ``value.reshape(N * S * M, D)``.
-        bilinear: (N, Lq, M, L, P, 4) bilinear weight of each corner, 0 outside the map.
-        x_frac, y_frac, inside, width, height: what the backward needs to differentiate ``bilinear``.
+        sampling_locations: (N, q, M, L, P, 2) (x, y) in [0, 1]. attention_weights: (N, q, M, L, P).
     """
-    n, _, m, num_levels, _, _ = sampling_locations.shape
     locations = sampling_locations.to(dtype)
-    height = spatial_shapes[:, 0].view(num_levels, 1)
-    width = spatial_shapes[:, 1].view(num_levels, 1)
-    x = locations[..., 0] * width.to(dtype) - 0.5
-    y = locations[..., 1] * height.to(dtype) - 0.5
-    x0, y0 = x.floor(), y.floor()
-    x_frac, y_frac = x - x0, y - y0
-    x0, y0 = x0.long(), y0.long()
-    # corner order: (x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1)
-    xs = torch.stack([x0, x0 + 1, x0, x0 + 1], dim=-1)
-    ys = torch.stack([y0, y0, y0 + 1, y0 + 1], dim=-1)
-    w4, h4 = width.unsqueeze(-1), height.unsqueeze(-1)
-    inside = (xs >= 0) & (xs < w4) & (ys >= 0) & (ys < h4)
-    token = level_start_index.view(num_levels, 1, 1) + ys.clamp(min=0) * w4 + xs.clamp(min=0)
-    token = torch.where(inside, token, torch.zeros_like(token))
-    batch = torch.arange(n, device=token.device).view(n, 1, 1, 1, 1, 1)
-    head = torch.arange(m, device=token.device).view(1, 1, m, 1, 1, 1)
-    rows = (batch * num_tokens + token) * m + head
-    fx, fy = x_frac.unsqueeze(-1), y_frac.unsqueeze(-1)
-    one = torch.ones_like(fx)
-    wx = torch.cat([one - fx, fx, one - fx, fx], dim=-1)
-    wy = torch.cat([one - fy, one - fy, fy, fy], dim=-1)
-    bilinear = wx * wy * inside.to(dtype)
-    return rows, bilinear, wx, wy, inside, width, height
+    x = _axis(locations[..., 0], levels.width, levels.last_column)
+    y = _axis(locations[..., 1], levels.height, levels.last_row)
+    m = levels.width.shape[2]
+    index_dtype = levels.row_stride.dtype
+    columns = [cell.to(index_dtype) * m for cell in x.cells]
+    rows = [cell.to(index_dtype) * levels.row_stride + levels.first_row for cell in y.cells]
+    attention = attention_weights.to(dtype)
+    y_weights = [attention * weight for weight in y.weights]
+    return _Corners(torch.stack([row + column for row in rows for column in columns], -1),
+                    torch.stack([wy * wx for wy in y_weights for wx in x.weights], -1), x, y)
 
 
 @torch.library.custom_op("sparse_detr::ms_deform_attn", mutates_args=())
 def _ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                     sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
-    n, num_tokens, m, d = value.shape
-    num_queries = sampling_locations.shape[1]
+    n, _, m, d = value.shape
+    _, num_queries, _, num_levels, points, _ = sampling_locations.shape
     dtype = _compute_dtype(value, sampling_locations)
-    rows, bilinear, *_ = _bilinear_corners(spatial_shapes, level_start_index, sampling_locations, num_tokens, dtype)
-    weights = bilinear * attention_weights.to(dtype).unsqueeze(-1)
-    table = value.reshape(n * num_tokens * m, d).to(dtype)
-    bags = n * num_queries * m
-    out = F.embedding_bag(rows.reshape(bags, -1), table, per_sample_weights=weights.reshape(bags, -1), mode="sum")
-    return out.view(n, num_queries, m * d).to(value.dtype)
+    levels = _levels(spatial_shapes, level_start_index, value, points, dtype, _index_dtype(value))
+    table = value.reshape(-1, d).to(dtype)
+    out = table.new_empty((n, num_queries, m * d))
+    corners_per_bag = num_levels * points * 4
+    for chunk in _query_chunks(num_queries, n * m * corners_per_bag, value.device):
+        corners = _corners(levels, sampling_locations[:, chunk], attention_weights[:, chunk], dtype)
+        sampled = F.embedding_bag(corners.rows.view(-1, corners_per_bag), table,
+                                  per_sample_weights=corners.weights.view(-1, corners_per_bag), mode="sum")
+        out[:, chunk] = sampled.view(n, -1, m * d)
+    return out.to(value.dtype)
 
 
 @_ms_deform_attn.register_fake
@@ -92,40 +148,67 @@ def _(value, spatial_shapes, level_start_index, sampling_locations, attention_we
     return value.new_empty((n, sampling_locations.shape[1], m * d))
 
 
+def _transposed_bag_sum(rows: Tensor, weights: Tensor, grad: Tensor, num_rows: int) -> Tensor:
+    """grad_table[r] = sum over corners k with rows[k] = r of weights[k] * grad[bag of k].
+
+    The transpose of the forward's gather-sum: the corners are grouped by row (one sort), then each
+    table row is a bag of gradient rows for ``F.embedding_bag``; rows no corner reaches are empty bags.
+
+    Args:
+        rows, weights: (bags, corners_per_bag), the forward's rows and per-corner weights.
+        grad: (bags, D), the gradient of the forward's output.
+    Returns:
+        (num_rows, D).
+    """
+    corners_per_bag = rows.shape[1]
+    sorted_rows, order = torch.sort(rows.reshape(-1), stable=True)
+    counts = torch.bincount(sorted_rows, minlength=num_rows)
+    offsets = counts.cumsum(0) - counts
+    sorted_weights = weights.reshape(-1).index_select(0, order)
+    source_bags = order.div_(corners_per_bag, rounding_mode="floor")
+    return F.embedding_bag(source_bags, grad, offsets, per_sample_weights=sorted_weights, mode="sum")
+
+
 @torch.library.custom_op("sparse_detr::ms_deform_attn_backward", mutates_args=())
 def _ms_deform_attn_backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                              sampling_locations: Tensor, attention_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    n, num_tokens, m, d = value.shape
-    num_queries = sampling_locations.shape[1]
-    dtype = _compute_dtype(value, sampling_locations)
-    rows, bilinear, wx, wy, inside, width, height = _bilinear_corners(
-        spatial_shapes, level_start_index, sampling_locations, num_tokens, dtype)
-    attention = attention_weights.to(dtype).unsqueeze(-1)
-    table = value.reshape(n * num_tokens * m, d).to(dtype)
-    bags = n * num_queries * m
-    corners = rows.shape[3] * rows.shape[4] * 4
-    grad = grad_output.reshape(bags, d).to(dtype)
-    flat_rows = rows.reshape(-1)
-    offsets = torch.arange(0, bags * corners, corners, device=value.device)
-    offset2bag = torch.arange(bags, device=value.device).repeat_interleave(corners)
-    bag_size = torch.full((bags,), corners, dtype=torch.long, device=value.device)
-    no_max = torch.empty(0, dtype=torch.long, device=value.device)
-    weights = (bilinear * attention).reshape(-1)
-
-    grad_table = torch.ops.aten._embedding_bag_dense_backward(
-        grad, flat_rows, offset2bag, bag_size, no_max, table.shape[0], False, _EMBEDDING_BAG_SUM, weights, -1)
-    # d out / d w[k] = value row k, so grad w[k] = <grad_out[bag], value[row k]>
-    grad_corner = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        grad, table, flat_rows, offsets, offset2bag, _EMBEDDING_BAG_SUM, -1).view(rows.shape)
-
-    grad_attention = (grad_corner * bilinear).sum(-1)
-    grad_bilinear = grad_corner * attention * inside.to(dtype)
-    # bilinear = wx * wy with wx = (1 - fx, fx, 1 - fx, fx), fx = x * W - 0.5 - floor(...)
-    sign_x = torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=dtype, device=value.device)
-    sign_y = torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=dtype, device=value.device)
-    grad_x = (grad_bilinear * wy * sign_x).sum(-1) * width.to(dtype)
-    grad_y = (grad_bilinear * wx * sign_y).sum(-1) * height.to(dtype)
-    grad_locations = torch.stack([grad_x, grad_y], dim=-1)
+    n, _, m, d = value.shape
+    _, num_queries, _, num_levels, points, _ = sampling_locations.shape
+    dtype, index_dtype = _compute_dtype(value, sampling_locations), _index_dtype(value)
+    levels = _levels(spatial_shapes, level_start_index, value, points, dtype, index_dtype)
+    table = value.reshape(-1, d).to(dtype)
+    grad = grad_output.to(dtype).view(n, num_queries, m, d)
+    corners_per_bag = num_levels * points * 4
+    all_rows = torch.empty((n, num_queries, m, corners_per_bag), dtype=index_dtype, device=value.device)
+    all_weights = table.new_empty((n, num_queries, m, corners_per_bag))
+    grad_locations = table.new_empty(sampling_locations.shape)
+    grad_attention = table.new_empty(attention_weights.shape)
+    no_offsets = torch.empty(0, dtype=index_dtype, device=value.device)
+    for chunk in _query_chunks(num_queries, n * m * corners_per_bag, value.device):
+        attention = attention_weights[:, chunk].to(dtype)
+        corners = _corners(levels, sampling_locations[:, chunk], attention, dtype)
+        all_rows[:, chunk] = corners.rows.view(n, -1, m, corners_per_bag)
+        all_weights[:, chunk] = corners.weights.view(n, -1, m, corners_per_bag)
+        flat_rows = corners.rows.view(-1)
+        bags = flat_rows.numel() // corners_per_bag
+        bag_of_corner = torch.arange(bags, dtype=index_dtype, device=value.device).view(-1, 1).expand(
+            bags, corners_per_bag).reshape(-1)
+        # d out[bag] / d w[k] = value row k, so grad w[k] = <grad_out[bag], value[row k]>
+        grad_weight = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            grad[:, chunk].reshape(bags, d), table, flat_rows, no_offsets, bag_of_corner, _EMBEDDING_BAG_SUM, -1)
+        g00, g01, g10, g11 = grad_weight.view(-1, 4).t().contiguous().view((4,) + attention.shape).unbind(0)
+        # w[i, j] = a * wy[i] * wx[j]: gradients of a * wy[i] and of a * wx[j] (the other axis contracted)
+        (wx0, wx1), (wy0, wy1) = corners.x.weights, corners.y.weights
+        grad_wy0, grad_wy1 = g00 * wx0 + g01 * wx1, g10 * wx0 + g11 * wx1
+        grad_wx0, grad_wx1 = g00 * wy0 + g10 * wy1, g01 * wy0 + g11 * wy1
+        grad_attention[:, chunk] = wy0 * grad_wy0 + wy1 * grad_wy1
+        # (wx0, wx1) = (1 - frac, frac) inside the map: d / d frac = (-1, 1), and d frac / d x = W
+        (in_x0, in_x1), (in_y0, in_y1) = corners.x.inside, corners.y.inside
+        grad_x = (grad_wx1 * in_x1 - grad_wx0 * in_x0) * attention * levels.width
+        grad_y = (grad_wy1 * in_y1 - grad_wy0 * in_y0) * attention * levels.height
+        grad_locations[:, chunk] = torch.stack([grad_x, grad_y], -1)
+    grad_table = _transposed_bag_sum(all_rows.view(-1, corners_per_bag), all_weights.view(-1, corners_per_bag),
+                                     grad.reshape(-1, d), table.shape[0])
     return (grad_table.view(value.shape).to(value.dtype), grad_locations.to(sampling_locations.dtype),
             grad_attention.to(attention_weights.dtype))
 
