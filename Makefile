@@ -5,6 +5,9 @@ PYTEST_ARGS ?= -q
 
 DEMO_DIR ?= output/demo
 DEMO_CONFIG := projects/SparseDETR/configs/demo.yaml
+# torch threads of the demo's training process; the data-loading worker takes another core. One thread
+# degrades gracefully when the machine is busy, where two OpenMP threads on two cores slow down sharply.
+DEMO_THREADS ?= 1
 
 .PHONY: setup test demo clean
 
@@ -17,7 +20,7 @@ test: setup
 # Generate the shapes dataset (first run), train the demo model on the CPU, evaluate it, draw pictures.
 # --resume: an interrupted demo continues where it stopped; a finished one is only evaluated again.
 demo: setup
-	$(PY) projects/SparseDETR/train_net.py --resume --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_DIR)
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) projects/SparseDETR/train_net.py --resume --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_DIR)
 	$(PY) projects/SparseDETR/tools/demo_report.py --config-file $(DEMO_CONFIG) --output-dir $(DEMO_DIR)
 
 clean:
