@@ -116,7 +116,9 @@ def run_images(predictor, args):
             if os.path.isdir(args.output) or len(paths) > 1:
                 os.makedirs(args.output, exist_ok=True)
                 target = os.path.join(args.output, os.path.basename(path))
-            cv2.imwrite(target, picture[:, :, ::-1])
+            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+            if not cv2.imwrite(target, picture[:, :, ::-1]):
+                raise ValueError(f"could not write {target!r} (unknown image extension?)")
         else:
             cv2.imshow("Sparse DETR", picture[:, :, ::-1])
             if cv2.waitKey(0) == 27:

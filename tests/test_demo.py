@@ -1,0 +1,41 @@
+"""projects/SparseDETR/demo.py on a folder of images, with the kept-token panels."""
+import os
+import sys
+
+import cv2
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "projects", "SparseDETR"))
+
+import demo  # noqa: E402
+
+TINY = ["MODEL.SPARSE_DETR.HIDDEN_DIM", "32", "MODEL.SPARSE_DETR.NHEADS", "2", "MODEL.SPARSE_DETR.ENC_LAYERS", "1",
+        "MODEL.SPARSE_DETR.DEC_LAYERS", "1", "MODEL.SPARSE_DETR.NUM_QUERIES", "10", "INPUT.MIN_SIZE_TEST", "64",
+        "INPUT.MAX_SIZE_TEST", "96"]
+CONFIG = os.path.join(ROOT, "projects", "SparseDETR", "configs", "demo.yaml")
+
+
+def test_demo_draws_detections_and_kept_tokens_for_a_folder(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.jpg"):
+        cv2.imwrite(str(images / name), (rng.random((60, 80, 3)) * 255).astype(np.uint8))
+    (images / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    assert demo.main(["--config-file", CONFIG, "--input", str(images), "--output", str(out),
+                      "--confidence-threshold", "0.0", "--show-kept-tokens", "--opts", *TINY]) == 0
+    assert sorted(os.listdir(out)) == ["a.png", "b.jpg"]
+    plain_out = tmp_path / "plain"
+    assert demo.main(["--config-file", CONFIG, "--input", str(images / "a.png"), "--output", str(plain_out / "a.png"),
+                      "--confidence-threshold", "0.0", "--opts", *TINY]) == 0
+    with_tokens = cv2.imread(str(out / "a.png"))
+    plain = cv2.imread(str(plain_out / "a.png"))
+    assert plain.shape[:2] == (60, 80), "the picture has the input image's size"
+    assert with_tokens.shape[1] == 80 and with_tokens.shape[0] > 60, "kept-token panels are drawn below"
+
+
+def test_demo_reports_a_missing_input(tmp_path, capsys):
+    assert demo.main(["--config-file", CONFIG, "--input", str(tmp_path / "nope.png"), "--opts", *TINY]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
