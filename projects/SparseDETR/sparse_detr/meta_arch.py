@@ -102,7 +102,7 @@ class SparseDETR(nn.Module):
             maps.append(proj(features[self.in_features[-1]] if len(maps) == len(self.in_features) else maps[-1]))
 
         n, _, height, width = images.tensor.shape
-        sizes = torch.tensor(images.image_sizes)  # (N, 2) (h, w)
+        sizes = torch.tensor([[int(h), int(w)] for h, w in images.image_sizes])  # (N, 2) (h, w); ints when traced
         image_mask = ((torch.arange(height)[None, :, None] >= sizes[:, 0, None, None])
                       | (torch.arange(width)[None, None, :] >= sizes[:, 1, None, None]))
         tokens, pos, masks, shapes, valid_sizes = [], [], [], [], []

@@ -334,7 +334,8 @@ class SparseDeformableTransformer(nn.Module):
         objectness = out.enc_logits.max(-1).values if self.eff_specific_head else out.enc_logits[..., 0]
         topk = objectness.topk(self.num_queries, dim=1).indices
         boxes_unact = enc_boxes_unact.gather(1, topk[..., None].expand(-1, -1, 4)).detach()
-        pos = self.pos_trans_norm(self.pos_trans(sine_box_embedding(boxes_unact, self.d_model // 2)))
+        embedding = sine_box_embedding(boxes_unact, self.d_model // 2).to(memory.dtype)
+        pos = self.pos_trans_norm(self.pos_trans(embedding))
         if self.eff_query_init:
             tgt = memory.gather(1, topk[..., None].expand(-1, -1, memory.shape[-1]))
             query_pos = pos
