@@ -21,6 +21,11 @@ def _at_least_float32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _matched(targets: Targets, indices, key: str) -> Tensor:
+    """The matched ground truth ``key`` ("labels" or "boxes") of every image, concatenated."""
+    return torch.cat([t[key][j.to(t[key].device)] for t, (_, j) in zip(targets, indices)])
+
+
 def _xyxy(boxes: Tensor) -> Tensor:
     return box_convert(boxes, "cxcywh", "xyxy")
 
@@ -124,8 +129,7 @@ class SetCriterion(nn.Module):
         indices = self.matcher(logits, boxes, targets)
         batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
         src = torch.cat([s for s, _ in indices]).to(logits.device)
-        labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)])
-        gt = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)])
+        labels, gt = _matched(targets, indices, "labels"), _matched(targets, indices, "boxes")
 
         onehot = torch.zeros_like(logits)
         onehot[batch, src, labels] = 1.0
@@ -167,7 +171,7 @@ class SetCriterion(nn.Module):
     def _metrics(self, out: TransformerOutput, targets: Targets, indices, dam: Optional[Tensor]) -> Dict[str, float]:
         logits = out.pred_logits[-1]
         matched_logits = torch.cat([lg[s.to(lg.device)] for lg, (s, _) in zip(logits, indices)])
-        labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)])
+        labels = _matched(targets, indices, "labels")
         accuracy = 100.0 * (matched_logits.argmax(-1) == labels).float().mean().item() if len(labels) else 0.0
         metrics = {"class_error": 100.0 - accuracy}
         # predictions with a class probability above 0.5 against the number of objects, per image

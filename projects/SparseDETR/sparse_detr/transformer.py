@@ -33,6 +33,13 @@ def sine_box_embedding(boxes_unact: Tensor, num_feats: int, temperature: float =
     return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(2)
 
 
+def _cell_centres(h: int, w: int, device) -> Tuple[Tensor, Tensor]:
+    """(H, W) grids of cell-centre x and y in cells (j + 0.5, i + 0.5), float32 like the authors' code."""
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+                            torch.arange(w, dtype=torch.float32, device=device) + 0.5, indexing="ij")
+    return xs, ys
+
+
 class MLP(nn.Module):
     """Box head: ``num_layers`` linear layers with ReLU between them."""
 
@@ -238,9 +245,7 @@ class SparseDeformableTransformer(nn.Module):
         """(N, S, L, 2): each token's cell centre normalised by its level's valid size, seen on every level."""
         points = []
         for level, (h, w) in enumerate(flat.spatial_shapes.tolist()):
-            ys, xs = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=flat.tokens.device),
-                                    torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=flat.tokens.device),
-                                    indexing="ij")
+            xs, ys = _cell_centres(h, w, flat.tokens.device)
             ratio = flat.valid_ratios[:, None, level]
             points.append(torch.stack([xs.reshape(1, -1) / (ratio[..., 0] * w), ys.reshape(1, -1) / (ratio[..., 1] * h)], -1))
         return torch.cat(points, 1)[:, :, None] * flat.valid_ratios[:, None]
@@ -250,11 +255,8 @@ class SparseDeformableTransformer(nn.Module):
         """Two-stage proposals of every token: (N, S, 4) logits (+inf where padded or invalid), (N, S) validity."""
         boxes = []
         for level, (h, w) in enumerate(flat.spatial_shapes.tolist()):
-            ys, xs = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=torch.float32, device=flat.tokens.device),
-                                    torch.linspace(0, w - 1, w, dtype=torch.float32, device=flat.tokens.device),
-                                    indexing="ij")
-            grid = torch.stack([xs, ys], -1).reshape(1, -1, 2)
-            centres = (grid + 0.5) / flat.valid_sizes[:, None, level]
+            xs, ys = _cell_centres(h, w, flat.tokens.device)
+            centres = torch.stack([xs, ys], -1).reshape(1, -1, 2) / flat.valid_sizes[:, None, level]
             sizes = torch.full_like(centres, 0.05 * 2.0 ** level)
             boxes.append(torch.cat([centres, sizes], -1))
         boxes = torch.cat(boxes, 1)
