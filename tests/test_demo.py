@@ -39,3 +39,21 @@ def test_demo_draws_detections_and_kept_tokens_for_a_folder(tmp_path):
 def test_demo_reports_a_missing_input(tmp_path, capsys):
     assert demo.main(["--config-file", CONFIG, "--input", str(tmp_path / "nope.png"), "--opts", *TINY]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_demo_report_reads_the_last_evaluation_with_its_dam_recall_and_plots_per_level_curves(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "projects", "SparseDETR", "tools"))
+    import demo_report
+
+    records = [{"iteration": i, "total_loss": 10.0 - i, "dam_recall": 0.5 + 0.01 * i,
+                **{f"dam_recall_level{level}": 0.4 + 0.1 * level for level in range(4)}} for i in range(20)]
+    records.insert(10, {"iteration": 9, "bbox/AP": 1.0, "bbox/AP50": 2.0, "dam_recall/dam_recall": 0.3})
+    records.append({"iteration": 19, "bbox/AP": 5.0, "bbox/AP50": 9.0, "dam_recall/dam_recall": 0.6,
+                    "dam_recall/dam_recall_level0": 0.7})
+    assert demo_report.evaluation_results(records) == {
+        "iteration": 19, "bbox": {"AP": 5.0, "AP50": 9.0}, "dam_recall": {"dam_recall": 0.6, "dam_recall_level0": 0.7}}
+    assert demo_report.evaluation_results(records[:5]) is None
+    target = tmp_path / "curves.png"
+    demo_report.plot_curves(records, str(target))
+    picture = cv2.imread(str(target))
+    assert picture is not None and picture.shape[1] > 2 * picture.shape[0]  # two panels side by side

@@ -173,10 +173,18 @@ def test_train_then_eval_only(shapes_env, tmp_path):
     assert os.path.isfile(os.path.join(out, "model_final.pth"))
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
     last = [m for m in metrics if "total_loss" in m][-1]
-    assert last["iteration"] == 3 and "loss_mask_prediction" in last and "dam_recall" in last
+    assert last["iteration"] == 3 and "loss_mask_prediction" in last
+    assert {"dam_recall", "dam_recall_level0", "dam_recall_level3"} <= set(last)
     result = run_train_net(shapes_env, "--eval-only", *TINY, "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"),
                            "OUTPUT_DIR", str(tmp_path / "eval"))
-    assert "copypaste: AP,AP50" in result.stdout + result.stderr
+    log = result.stdout + result.stderr
+    assert "copypaste: AP,AP50" in log
+    # the DAM recall evaluator's task follows COCO's: names, then values, all shares in [0, 1]
+    lines = [line.split("copypaste: ", 1)[1] for line in log.splitlines() if "copypaste: " in line]
+    names = lines[lines.index("Task: dam_recall") + 1].split(",")
+    values = [float(v) for v in lines[lines.index("Task: dam_recall") + 2].split(",")]
+    assert names == ["dam_recall"] + [f"dam_recall_level{i}" for i in range(4)]
+    assert all(0.0 <= v <= 1.0 for v in values)
     assert os.path.isfile(tmp_path / "eval" / "inference" / "coco_instances_results.json")
 
 

@@ -133,6 +133,7 @@ def build_benchmark_model(config_file: Path, opts: Sequence[str], num_classes: O
         cfg.MODEL.SPARSE_DETR.NUM_CLASSES = num_classes
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
+    cfg.TEST.DAM_RECALL = False  # time detection alone
     cfg.freeze()
     return cfg, build_model(cfg).eval()
 

@@ -16,7 +16,7 @@ from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.data import DatasetMapper
 from detectron2.engine import (DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, default_argument_parser,
                                default_setup, default_writers, launch)
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 
 import sparse_detr
@@ -24,6 +24,7 @@ from sparse_detr.checkpoint import SparseDETRCheckpointer
 from sparse_detr.dataset_mapper import DetrDatasetMapper
 from sparse_detr.datasets import check_dataset_files, check_num_classes, load_train_dicts
 from sparse_detr.engine import MixedPrecisionTrainer, ResumableTrainLoader, StepSeedHook
+from sparse_detr.evaluation import DAMRecallEvaluator
 from sparse_detr.solver import apply_epoch_schedule, build_optimizer
 
 logger = logging.getLogger("sparse_detr")
@@ -91,7 +92,10 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         check_num_classes(dataset_name, cfg.MODEL.SPARSE_DETR.NUM_CLASSES)
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+        coco = COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+        if cfg.MODEL.SPARSE_DETR.RHO > 0 and cfg.TEST.DAM_RECALL:
+            return DatasetEvaluators([coco, DAMRecallEvaluator()])
+        return coco
 
 
 def setup(args):

@@ -86,6 +86,9 @@ def add_sparse_detr_config(cfg):
 
     # Images per batch at test time (the authors evaluate two at a time; padding changes the numbers).
     cfg.TEST.IMS_PER_BATCH = 1
+    # In evaluation a sparse model (RHO > 0) also reports the DAM recall: the share of the decoder
+    # attention map's mass on the tokens the encoder updated, overall and per level. Costs one splat.
+    cfg.TEST.DAM_RECALL = True
 
     # Training schedule in epochs: with EPOCHS > 0, SOLVER.MAX_ITER and SOLVER.STEPS are derived from the
     # training set's size (EPOCHS x iterations an epoch, learning rate x GAMMA after each LR_DROP_EPOCHS).

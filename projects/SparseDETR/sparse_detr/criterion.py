@@ -11,7 +11,8 @@ from detectron2.utils import comm
 
 from .transformer import TransformerOutput
 
-__all__ = ["HungarianMatcher", "SetCriterion", "decoder_attention_map", "dam_target"]
+__all__ = ["HungarianMatcher", "SetCriterion", "decoder_attention_map", "dam_target", "output_dam", "updated_token_mask",
+           "dam_recall_masses", "dam_recall_summary"]
 
 Targets = List[Dict[str, Tensor]]  # per image: "labels" (T,) int64, "boxes" (T, 4) normalised cxcywh
 
@@ -98,6 +99,47 @@ def dam_target(dam: Tensor, padding_mask: Tensor, sparse_token_nums: Tensor) -> 
     return torch.zeros_like(dam).scatter_(1, top, ranked)
 
 
+def output_dam(out: TransformerOutput) -> Tensor:
+    """(N, S) DAM of a model's predictions, in at least float32."""
+    return decoder_attention_map(out.spatial_shapes, out.level_start_index,
+                                 _at_least_float32(out.dec_sampling_locations),
+                                 _at_least_float32(out.dec_attention_weights))
+
+
+def updated_token_mask(out: TransformerOutput) -> Tensor:
+    """(N, S) bool: the tokens the sparse encoder updated, the first n_i of each image's kept tokens."""
+    k = out.kept_tokens.shape[1]
+    updated = torch.arange(k, device=out.kept_tokens.device)[None] < out.sparse_token_nums[:, None]
+    mask = torch.zeros(out.kept_tokens.shape[0], int(out.spatial_shapes.prod(1).sum()), dtype=torch.bool,
+                       device=out.kept_tokens.device)
+    return mask.scatter_(1, out.kept_tokens, updated)
+
+
+@torch.no_grad()
+def dam_recall_masses(dam: Tensor, kept: Tensor, padding_mask: Tensor, spatial_shapes: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per image and level, the DAM's mass on the kept tokens and its whole mass (padding excluded).
+
+    Args:
+        dam: (N, S) decoder attention map; kept: (N, S) bool; padding_mask: (N, S) bool, True on padding.
+    Returns:
+        ``(kept_mass, total_mass)``, each (N, L). Their ratio is the DAM recall (the authors' "corr").
+    """
+    level = torch.repeat_interleave(torch.arange(spatial_shapes.shape[0], device=dam.device),
+                                    spatial_shapes.prod(1).to(dam.device))
+    mass = dam.masked_fill(padding_mask, 0)
+    total = mass.new_zeros(dam.shape[0], spatial_shapes.shape[0])
+    return total.index_add(1, level, mass * kept), total.index_add_(1, level, mass)
+
+
+def dam_recall_summary(kept_mass: Tensor, total_mass: Tensor) -> Dict[str, float]:
+    """``dam_recall`` and ``dam_recall_level{l}`` from summed (L,) masses: pooled shares of the DAM's mass."""
+    kept_mass, total_mass = kept_mass.double().cpu(), total_mass.double().cpu()
+    summary = {"dam_recall": (kept_mass.sum() / total_mass.sum().clamp(min=1e-12)).item()}
+    for level, (k, t) in enumerate(zip(kept_mass.tolist(), total_mass.tolist())):
+        summary[f"dam_recall_level{level}"] = k / t if t > 0 else float("nan")
+    return summary
+
+
 class SetCriterion(nn.Module):
     """Weighted losses of every output set (one helper for all of them) and the DAM prediction loss.
 
@@ -157,9 +199,7 @@ class SetCriterion(nn.Module):
 
         dam = None
         if out.token_scores is not None:
-            dam = decoder_attention_map(out.spatial_shapes, out.level_start_index,
-                                        _at_least_float32(out.dec_sampling_locations),
-                                        _at_least_float32(out.dec_attention_weights))
+            dam = output_dam(out)
             target = dam_target(dam, out.padding_mask, out.sparse_token_nums)
             losses["loss_mask_prediction"] = (
                 F.multilabel_soft_margin_loss(_at_least_float32(out.token_scores), target) * self.weight_mask_prediction)
@@ -179,10 +219,6 @@ class SetCriterion(nn.Module):
         counts = torch.tensor([float(len(t["labels"])) for t in targets], device=confident.device)
         metrics["cardinality_error"] = F.l1_loss(confident, counts).item()
         if dam is not None:
-            # share of the DAM's mass on the tokens the encoder updated (the first n_i kept of image i)
-            k = out.kept_tokens.shape[1]
-            updated = torch.arange(k, device=dam.device)[None] < out.sparse_token_nums[:, None]
-            kept = torch.zeros_like(dam, dtype=torch.bool).scatter_(1, out.kept_tokens, updated) & ~out.padding_mask
-            mass = dam.masked_fill(out.padding_mask, 0)
-            metrics["dam_recall"] = ((mass * kept).sum() / mass.sum().clamp(min=1e-12)).item()
+            kept, total = dam_recall_masses(dam, updated_token_mask(out), out.padding_mask, out.spatial_shapes)
+            metrics.update(dam_recall_summary(kept.sum(0), total.sum(0)))
         return metrics

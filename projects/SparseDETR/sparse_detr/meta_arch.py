@@ -13,7 +13,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
 from .backbone import sine_position_embedding
-from .criterion import HungarianMatcher, SetCriterion
+from .criterion import HungarianMatcher, SetCriterion, dam_recall_masses, output_dam, updated_token_mask
 from .transformer import FlatFeatures, SparseDeformableTransformer, TransformerOutput
 
 __all__ = ["SparseDETR"]
@@ -26,19 +26,23 @@ class SparseDETR(nn.Module):
     """Sparse DETR (Roh et al., ICLR'22) and the detectors it generalises, switched by the transformer's flags.
 
     Input and output follow Detectron2: ``forward(batched_inputs)`` returns the weighted loss dict in
-    training and ``[{"instances": Instances}]`` in evaluation.
+    training and ``[{"instances": Instances}]`` in evaluation. With ``report_dam_recall`` a sparse model
+    also adds ``"dam_recall": {"kept_mass": (L,), "total_mass": (L,)}`` to each evaluation output: the
+    image's decoder attention map mass per level on the updated tokens and in all (see
+    :class:`~sparse_detr.evaluation.DAMRecallEvaluator`).
     """
 
     @configurable
     def __init__(self, *, backbone: Backbone, in_features: List[str], transformer: SparseDeformableTransformer,
                  criterion: SetCriterion, pixel_mean, pixel_std, num_feature_levels: int,
-                 num_detections: int = 100):
+                 num_detections: int = 100, report_dam_recall: bool = False):
         super().__init__()
         self.backbone = backbone
         self.in_features = in_features
         self.transformer = transformer
         self.criterion = criterion
         self.num_detections = num_detections
+        self.report_dam_recall = report_dam_recall
         d_model = transformer.d_model
         channels = [backbone.output_shape()[f].channels for f in in_features]
         if d_model % 32:
@@ -78,7 +82,8 @@ class SparseDETR(nn.Module):
             class_agnostic_two_stage=not sd.EFF_SPECIFIC_HEAD)
         return {"backbone": backbone, "in_features": in_features, "transformer": transformer, "criterion": criterion,
                 "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
-                "num_feature_levels": sd.NUM_FEATURE_LEVELS, "num_detections": sd.NUM_DETECTIONS}
+                "num_feature_levels": sd.NUM_FEATURE_LEVELS, "num_detections": sd.NUM_DETECTIONS,
+                "report_dam_recall": cfg.TEST.DAM_RECALL}
 
     @property
     def device(self) -> torch.device:
@@ -144,7 +149,12 @@ class SparseDETR(nn.Module):
     def forward(self, batched_inputs: List[Dict]):
         out = self.predict(batched_inputs)
         if not self.training:
-            return self.postprocess(out, batched_inputs)
+            results = self.postprocess(out, batched_inputs)
+            if self.report_dam_recall and out.kept_tokens is not None:
+                kept, total = self.dam_recall_masses(out)
+                for r, k, t in zip(results, kept.cpu(), total.cpu()):
+                    r["dam_recall"] = {"kept_mass": k, "total_mass": t}
+            return results
         dtype = torch.promote_types(out.pred_boxes[-1].dtype, torch.float32)  # float32 under autocast
         targets = self.prepare_targets(batched_inputs, out.image_sizes, dtype)
         metrics = {}
@@ -156,6 +166,11 @@ class SparseDETR(nn.Module):
         if storage is not None:
             storage.put_scalars(**metrics)
         return losses
+
+    @staticmethod
+    def dam_recall_masses(out: TransformerOutput):
+        """(N, L) DAM mass on the updated tokens and (N, L) whole DAM mass of a sparse model's predictions."""
+        return dam_recall_masses(output_dam(out), updated_token_mask(out), out.padding_mask, out.spatial_shapes)
 
     def postprocess(self, out: TransformerOutput, batched_inputs: List[Dict]) -> List[Dict]:
         """``[{"instances": Instances}]`` in each input's requested "height" x "width" (default: its own size)."""

@@ -2,8 +2,8 @@
 from typing import List
 
 import numpy as np
-import torch
 
+from .criterion import updated_token_mask
 from .transformer import TransformerOutput
 
 __all__ = ["kept_token_masks", "draw_kept_tokens"]
@@ -18,8 +18,7 @@ def kept_token_masks(out: TransformerOutput, index: int) -> List[np.ndarray]:
     """
     if out.kept_tokens is None:
         raise ValueError("the model has a dense encoder (MODEL.SPARSE_DETR.RHO = 0): every token is updated")
-    kept = out.kept_tokens[index, : int(out.sparse_token_nums[index])].cpu()
-    flat = torch.zeros(int(out.spatial_shapes.prod(1).sum()), dtype=torch.bool).index_fill_(0, kept, True)
+    flat = updated_token_mask(out)[index].cpu()
     masks = []
     for (h, w), start in zip(out.spatial_shapes.tolist(), out.level_start_index.tolist()):
         masks.append(flat[start:start + h * w].view(h, w).numpy())

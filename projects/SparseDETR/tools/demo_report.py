@@ -55,7 +55,13 @@ def plot_curves(records, target):
     fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.2), squeeze=False)
     for ax, (key, title) in zip(axes[0], present):
         points = [(r["iteration"], r[key]) for r in records if key in r]
-        ax.plot(*zip(*points), lw=1.4)
+        ax.plot(*zip(*points), lw=1.4, label="all levels")
+        levels = sorted({k for r in records for k in r if k.startswith(key + "_level")}) if key == "dam_recall" else []
+        for level in levels:
+            ax.plot(*zip(*[(r["iteration"], r[level]) for r in records if level in r]), lw=0.8, alpha=0.8,
+                    label=level[len(key) + 1:])
+        if levels:
+            ax.legend(fontsize=7)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
@@ -65,11 +71,15 @@ def plot_curves(records, target):
 
 
 def evaluation_results(records):
-    """The last evaluation's COCO box metrics found in metrics.json."""
+    """The last evaluation's results found in metrics.json: COCO box metrics and, if present, DAM recall."""
     for record in reversed(records):
         boxes = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("bbox/")}
         if boxes:
-            return {"iteration": record["iteration"], "bbox": boxes}
+            results = {"iteration": record["iteration"], "bbox": boxes}
+            recall = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("dam_recall/")}
+            if recall:
+                results["dam_recall"] = recall
+            return results
     return None
 
 
@@ -132,6 +142,10 @@ def main(argv=None):
     if evaluation:
         logger.info("box AP %.1f, AP50 %.1f, AP75 %.1f (val, iteration %d)", evaluation["bbox"]["AP"],
                     evaluation["bbox"]["AP50"], evaluation["bbox"]["AP75"], evaluation["iteration"] + 1)
+        if "dam_recall" in evaluation:
+            recall = evaluation["dam_recall"]
+            levels = ", ".join(f"{recall[k]:.3f}" for k in sorted(recall) if k.startswith("dam_recall_level"))
+            logger.info("DAM recall %.3f (per level %s)", recall["dam_recall"], levels)
     logger.info("pictures and results.json written to %s", args.output_dir)
     return 0
 
