@@ -49,7 +49,8 @@ def toy_output(kept_tokens, sparse_token_nums):
         pred_logits=[torch.zeros(1, 1, 2, dtype=torch.float64)], pred_boxes=[torch.full((1, 1, 4), 0.5).double()],
         token_scores=torch.zeros(1, 6, dtype=torch.float64), kept_tokens=torch.tensor([kept_tokens]),
         sparse_token_nums=torch.tensor([sparse_token_nums]),
-        dec_sampling_locations=locations.view(1, 1, 1, 1, 2, 2, 2), dec_attention_weights=weights.view(1, 1, 1, 1, 2, 2),
+        dec_sampling_locations=locations.view(1, 1, 1, 1, 2, 2, 2),
+        dec_attention_weights=weights.view(1, 1, 1, 1, 2, 2),
         spatial_shapes=SHAPES, level_start_index=STARTS, padding_mask=torch.zeros(1, 6, dtype=torch.bool))
 
 
@@ -87,6 +88,20 @@ def test_evaluator_pools_masses_over_images_and_skips_outputs_without_them():
     assert math.isnan(result["dam_recall_level2"])  # a level without mass has no recall
     evaluator.reset()
     assert evaluator.evaluate() == {}
+
+
+def test_evaluator_pools_the_workers_masses_on_the_main_process(monkeypatch):
+    from sparse_detr import evaluation
+
+    evaluator = DAMRecallEvaluator()
+    masses = {"kept_mass": torch.tensor([1.0, 2.0]), "total_mass": torch.tensor([2.0, 2.0])}
+    evaluator.process([{}], [{"dam_recall": masses}])
+    other_workers = [(None, None), (torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([2.0, 2.0]).double())]
+    monkeypatch.setattr(evaluation.comm, "gather", lambda data, dst: [data, *other_workers])
+    assert evaluator.evaluate()["dam_recall"] == pytest.approx(
+        {"dam_recall": 4 / 8, "dam_recall_level0": 1 / 4, "dam_recall_level1": 3 / 4})
+    monkeypatch.setattr(evaluation.comm, "is_main_process", lambda: False)
+    assert evaluator.evaluate() == {}  # only the main process reports
 
 
 def test_keeping_every_token_gives_recall_one(tiny_model, make_batch):

@@ -24,7 +24,7 @@ class DAMRecallEvaluator(DatasetEvaluator):
         self.reset()
 
     def reset(self):
-        self._kept, self._total, self._images = None, None, 0
+        self._kept, self._total = None, None  # (L,) sums over the images seen, once one carried masses
 
     def process(self, inputs, outputs):
         for output in outputs:
@@ -36,13 +36,12 @@ class DAMRecallEvaluator(DatasetEvaluator):
                 self._kept, self._total = torch.zeros_like(kept), torch.zeros_like(total)
             self._kept += kept
             self._total += total
-            self._images += 1
 
     def evaluate(self) -> Dict[str, Dict[str, float]]:
-        gathered = comm.gather((self._kept, self._total, self._images), dst=0)
+        gathered = comm.gather((self._kept, self._total), dst=0)
         if not comm.is_main_process():
             return {}
-        parts = [(k, t) for k, t, n in gathered if n > 0]
+        parts = [(k, t) for k, t in gathered if k is not None]
         if not parts:
             return {}
         kept = torch.stack([k for k, _ in parts]).sum(0)

@@ -151,7 +151,8 @@ class SparseDETR(nn.Module):
         if not self.training:
             results = self.postprocess(out, batched_inputs)
             if self.report_dam_recall and out.kept_tokens is not None:
-                kept, total = self.dam_recall_masses(out)
+                kept, total = dam_recall_masses(output_dam(out), updated_token_mask(out), out.padding_mask,
+                                                out.spatial_shapes)
                 for r, k, t in zip(results, kept.cpu(), total.cpu()):
                     r["dam_recall"] = {"kept_mass": k, "total_mass": t}
             return results
@@ -166,11 +167,6 @@ class SparseDETR(nn.Module):
         if storage is not None:
             storage.put_scalars(**metrics)
         return losses
-
-    @staticmethod
-    def dam_recall_masses(out: TransformerOutput):
-        """(N, L) DAM mass on the updated tokens and (N, L) whole DAM mass of a sparse model's predictions."""
-        return dam_recall_masses(output_dam(out), updated_token_mask(out), out.padding_mask, out.spatial_shapes)
 
     def postprocess(self, out: TransformerOutput, batched_inputs: List[Dict]) -> List[Dict]:
         """``[{"instances": Instances}]`` in each input's requested "height" x "width" (default: its own size)."""
