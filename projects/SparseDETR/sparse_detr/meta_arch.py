@@ -151,10 +151,10 @@ class SparseDETR(nn.Module):
         if not self.training:
             results = self.postprocess(out, batched_inputs)
             if self.report_dam_recall and out.kept_tokens is not None:
-                kept, total = dam_recall_masses(output_dam(out), updated_token_mask(out), out.padding_mask,
-                                                out.spatial_shapes)
-                for r, k, t in zip(results, kept.cpu(), total.cpu()):
-                    r["dam_recall"] = {"kept_mass": k, "total_mass": t}
+                masses = torch.stack(dam_recall_masses(output_dam(out), updated_token_mask(out), out.padding_mask,
+                                                       out.spatial_shapes), 1).cpu()  # one transfer: (N, 2, L)
+                for r, (kept, total) in zip(results, masses):
+                    r["dam_recall"] = {"kept_mass": kept, "total_mass": total}
             return results
         dtype = torch.promote_types(out.pred_boxes[-1].dtype, torch.float32)  # float32 under autocast
         targets = self.prepare_targets(batched_inputs, out.image_sizes, dtype)
