@@ -71,7 +71,10 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    options = {"include_dirs": [os.path.join(ROOT, "csrc")], "extra_compile_args": {"cxx": ["-O3"]}}
+    # -fopenmp: at::parallel_for is an OpenMP region compiled into the extension (without it, it runs on one
+    # thread); the extension then uses the libgomp torch has loaded already.
+    options = {"include_dirs": [os.path.join(ROOT, "csrc")], "extra_compile_args": {"cxx": ["-O3", "-fopenmp"]},
+               "extra_link_args": ["-fopenmp"]}
     if build_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         print(f"sparse_detr: building the CPU and CUDA kernels (architectures {os.environ['TORCH_CUDA_ARCH_LIST']})",

@@ -112,7 +112,7 @@ MSDA_INLINE acc_t rounded_product(acc_t a, acc_t b) {
 }
 
 // *address += value. On a GPU many threads add into the same value rows: atomicAdd. On the CPU the
-// launcher gives every value row to exactly one thread (it partitions the work by image, head and level,
+// launcher gives every value row to exactly one thread (it partitions the work by image, level and head,
 // and a level's rows of one image and head receive only that level's, image's and head's points), so a
 // plain add is race-free there, and the CPU's value gradient is deterministic.
 template <typename T>

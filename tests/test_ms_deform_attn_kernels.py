@@ -185,6 +185,27 @@ def test_zero_queries_and_zero_batch():
         assert torch.equal(grad_value, torch.zeros_like(grad_value))
 
 
+def test_empty_levels_read_nothing():
+    """A level of 0 rows reads no value and gets no gradient; with no level at all the output is zero."""
+    (value, spatial_shapes, level_start_index, locations, weights), grad_output = typed_inputs(
+        torch.float64, shapes=((3, 4), (2, 2)))
+    with_empty = (value, torch.tensor([(3, 4), (0, 5), (2, 2)]), torch.tensor([0, 12, 12]),
+                  torch.stack([locations[:, :, :, 0], locations[:, :, :, 0], locations[:, :, :, 1]], 3),
+                  torch.stack([weights[:, :, :, 0], weights[:, :, :, 0], weights[:, :, :, 1]], 3))
+    compiled = torch.ops.sparse_detr_C
+    out = compiled.ms_deform_attn_forward(*with_empty)
+    grads = compiled.ms_deform_attn_backward(grad_output, *with_empty)
+    expected = run_op("pytorch", value, spatial_shapes, level_start_index, locations, weights, grad_output)
+    torch.testing.assert_close(out, expected[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads[0], expected[1], rtol=0, atol=1e-12)
+    assert torch.equal(grads[1][:, :, :, 1], torch.zeros_like(grads[1][:, :, :, 1]))
+    no_levels = (value[:, :0], torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                 locations[:, :, :, :0], weights[:, :, :, :0])
+    assert torch.equal(compiled.ms_deform_attn_forward(*no_levels), torch.zeros_like(out))
+    grad_value, grad_locations, _ = compiled.ms_deform_attn_backward(grad_output, *no_levels)
+    assert grad_value.shape == (2, 0, 2, 32) and grad_locations.shape == (2, 6, 2, 0, 4, 2)
+
+
 def test_non_contiguous_inputs():
     inputs, grad_output = typed_inputs(torch.float32, head_dim=32)
     value, spatial_shapes, level_start_index, locations, weights = inputs
@@ -223,12 +244,13 @@ def test_forced_int64_index_path(dtype, head_dim):
 
 
 def test_backward_does_not_depend_on_the_number_of_threads():
-    """The CPU backward gives every value row one writer (work split by image, head and level): deterministic."""
+    """The CPU backward gives every value row one writer (work split by image, level and group of heads):
+    deterministic. 8 threads split the heads of a level, fewer keep them together."""
     inputs, grad_output = typed_inputs(torch.float32, batch=3, queries=50)
     threads = torch.get_num_threads()
     try:
         results = []
-        for count in (1, 2, 3):
+        for count in (1, 3, 8):
             torch.set_num_threads(count)
             results.append(torch.ops.sparse_detr_C.ms_deform_attn_backward(grad_output, *inputs))
     finally:

@@ -160,7 +160,7 @@ def compiled_kernels_available(device_type: str = "cpu") -> bool:
 
 
 def _use_compiled(device: torch.device) -> bool:
-    """Which implementation serves a call on ``device``, from ``$SPARSE_DETR_MS_DEFORM_ATTN`` (module docstring)."""
+    """Whether the compiled kernel serves a call on ``device``: ``$SPARSE_DETR_MS_DEFORM_ATTN`` (module docstring)."""
     choice = os.environ.get(IMPLEMENTATION_VARIABLE, "auto").strip().lower() or "auto"
     if choice not in IMPLEMENTATIONS:
         raise ValueError(f"{IMPLEMENTATION_VARIABLE} must be one of {', '.join(IMPLEMENTATIONS)}, got {choice!r}")
