@@ -23,6 +23,7 @@ What is measured (SPEC section 6):
   queries, M heads, L levels, P points and D channels per head).
   The authors' model has 91 classes (COCO ids), this project's 80: ``--num-classes 91`` counts their heads.
   The count depends on the image size only, so the weights are random (``MODEL.WEIGHTS`` is ignored).
+  ``--skip-flops`` leaves both counts out (``null``): the trace runs on the CPU and takes a while.
 * ``fps`` and ``b4fps``: images per second through the Detectron2 interface (``model(batched_inputs)``,
   post-processing included) at batch 1 and batch 4 of the same image, from the median of ``--repeats``
   timed runs after ``--warmup`` untimed ones (``torch.cuda.synchronize`` around each on CUDA); the spread
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-classes", type=int, default=None,
                         help="override MODEL.SPARSE_DETR.NUM_CLASSES (91 to count the authors' heads)")
     parser.add_argument("--skip-fps", action="store_true", help="parameters and GFLOPs only")
+    parser.add_argument("--skip-flops", action="store_true",
+                        help="no FLOP count (the trace on the CPU takes a while): parameters and speed only")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per batch size")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs before them")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -260,9 +263,11 @@ def benchmark_config(config_file: Path, args) -> Dict:
     """Every figure of one config, as the JSON object ``--json`` prints."""
     height, width = args.image_size
     cfg, model = build_benchmark_model(config_file, args.opts, args.num_classes)
-    logger.info("%s: counting FLOPs at %dx%d", config_file.name, height, width)
     image = random_image(height, width, args.seed)
-    flops = count_flops(model, image[None])
+    flops = None
+    if not args.skip_flops:
+        logger.info("%s: counting FLOPs at %dx%d", config_file.name, height, width)
+        flops = count_flops(model, image[None])
     result = {
         "config": config_file.name,
         "device": args.device,
@@ -271,8 +276,8 @@ def benchmark_config(config_file: Path, args) -> Dict:
         "image_size": [height, width],
         "num_classes": cfg.MODEL.SPARSE_DETR.NUM_CLASSES,
         "params_m": trainable_parameters(model) / 1e6,
-        "gflops": flops.total / 1e9,
-        "gflops_with_sampling": flops.total_with_sampling / 1e9,
+        "gflops": None if flops is None else flops.total / 1e9,
+        "gflops_with_sampling": None if flops is None else flops.total_with_sampling / 1e9,
         "fps": None, "fps_iqr": None, "b4fps": None, "b4fps_iqr": None, "peak_mem_mb": None,
         "fps_by_batch_size": {}, "peak_mem_mb_by_batch_size": {},
     }
@@ -310,7 +315,7 @@ def markdown_table(results: List[Dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['config']} | error: {r['error']} | | | | | |")
             continue
-        lines.append(f"| {r['config']} | {r['params_m']:.1f} | {r['gflops']:.1f} | {r['gflops_with_sampling']:.1f} "
+        lines.append(f"| {r['config']} | {r['params_m']:.1f} | {_fmt(r['gflops'])} | {_fmt(r['gflops_with_sampling'])} "
                      f"| {_fmt(r['fps'], '.3g', r['fps_iqr'])} | {_fmt(r['b4fps'], '.3g', r['b4fps_iqr'])} "
                      f"| {_fmt(r['peak_mem_mb'], '.0f')} |")
     first = next((r for r in results if "error" not in r), None)
