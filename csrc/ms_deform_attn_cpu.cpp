@@ -2,8 +2,8 @@
 // the units under at::parallel_for, registered as the CPU kernels of sparse_detr_C::ms_deform_attn_forward
 // and _backward.
 //
-// Forward: the rows (image, query, head) are split among the threads; a head dim of 32 or 64 is one unit
-// per row (every channel at once, which the compiler vectorises), any other head dim one unit per channel.
+// Forward: the rows (image, query, head) are split among the threads; a unit is 32, 16 or 8 channels of a row
+// (the largest that divides the head dim; the compiler vectorises them whole), else one channel.
 //
 // Backward: the work is split by (image, level, group of heads), never inside one: the value rows of a level,
 // image and head receive gradient only from that level's sampling points of that image and head, so each
@@ -31,8 +31,16 @@ namespace {
 // A parallel chunk gets at least this many (channel x corner) products: smaller work runs on one thread.
 constexpr int64_t kMinProductsPerChunk = 1 << 16;
 
-// Channels per unit: the whole head for the head dims with a fast path, else one.
-int64_t channels_per_unit(int64_t channels) { return (channels == 32 || channels == 64) ? channels : 1; }
+// Channels per unit: the largest of 32, 16 and 8 that divides the head dim (the compiler vectorises a unit's
+// channels whole; a head dim of 64 is two units), else one.
+int64_t channels_per_unit(int64_t channels) {
+  for (const int64_t width : {32, 16, 8}) {
+    if (channels % width == 0) {
+      return width;
+    }
+  }
+  return 1;
+}
 
 // rows are (image, query, head) triples, head fastest
 template <int kChannels, typename scalar_t, typename index_t>
@@ -115,16 +123,20 @@ using ForwardLoop = void (*)(const ForwardArgs<scalar_t, index_t>&, int64_t, int
 template <typename scalar_t, typename index_t>
 using BackwardLoop = void (*)(const BackwardArgs<scalar_t, index_t>&, int64_t, int64_t, int64_t);
 
+// The loop for this machine's instruction set; the scalar path (one channel per unit) gains nothing from wider
+// vectors and is compiled once.
 template <int kChannels, typename scalar_t, typename index_t>
 ForwardLoop<scalar_t, index_t> forward_loop() {
 #ifdef MSDA_X86_VARIANTS
-  switch (cpu_isa()) {
-    case Isa::kAvx512:
-      return &forward_rows_avx512<kChannels, scalar_t, index_t>;
-    case Isa::kAvx2:
-      return &forward_rows_avx2<kChannels, scalar_t, index_t>;
-    case Isa::kDefault:
-      break;
+  if constexpr (kChannels > 1) {
+    switch (cpu_isa()) {
+      case Isa::kAvx512:
+        return &forward_rows_avx512<kChannels, scalar_t, index_t>;
+      case Isa::kAvx2:
+        return &forward_rows_avx2<kChannels, scalar_t, index_t>;
+      case Isa::kDefault:
+        break;
+    }
   }
 #endif
   return &forward_rows_default<kChannels, scalar_t, index_t>;
@@ -133,13 +145,15 @@ ForwardLoop<scalar_t, index_t> forward_loop() {
 template <int kChannels, typename scalar_t, typename index_t>
 BackwardLoop<scalar_t, index_t> backward_loop() {
 #ifdef MSDA_X86_VARIANTS
-  switch (cpu_isa()) {
-    case Isa::kAvx512:
-      return &backward_tasks_avx512<kChannels, scalar_t, index_t>;
-    case Isa::kAvx2:
-      return &backward_tasks_avx2<kChannels, scalar_t, index_t>;
-    case Isa::kDefault:
-      break;
+  if constexpr (kChannels > 1) {
+    switch (cpu_isa()) {
+      case Isa::kAvx512:
+        return &backward_tasks_avx512<kChannels, scalar_t, index_t>;
+      case Isa::kAvx2:
+        return &backward_tasks_avx2<kChannels, scalar_t, index_t>;
+      case Isa::kDefault:
+        break;
+    }
   }
 #endif
   return &backward_tasks_default<kChannels, scalar_t, index_t>;
@@ -149,7 +163,8 @@ template <typename scalar_t, typename index_t>
 void run_forward(const Problem& problem, const ForwardArgs<scalar_t, index_t>& args) {
   const int64_t channels = channels_per_unit(problem.channels);
   const ForwardLoop<scalar_t, index_t> loop = channels == 32   ? forward_loop<32, scalar_t, index_t>()
-                                              : channels == 64 ? forward_loop<64, scalar_t, index_t>()
+                                              : channels == 16 ? forward_loop<16, scalar_t, index_t>()
+                                              : channels == 8  ? forward_loop<8, scalar_t, index_t>()
                                                                : forward_loop<1, scalar_t, index_t>();
   const int64_t products_per_row = problem.levels * problem.points * 4 * problem.channels;
   const int64_t grain = std::max<int64_t>(1, kMinProductsPerChunk / std::max<int64_t>(1, products_per_row));
@@ -161,7 +176,8 @@ template <typename scalar_t, typename index_t>
 void run_backward(const Problem& problem, const BackwardArgs<scalar_t, index_t>& args) {
   const int64_t channels = channels_per_unit(problem.channels);
   const BackwardLoop<scalar_t, index_t> loop = channels == 32   ? backward_loop<32, scalar_t, index_t>()
-                                               : channels == 64 ? backward_loop<64, scalar_t, index_t>()
+                                               : channels == 16 ? backward_loop<16, scalar_t, index_t>()
+                                               : channels == 8  ? backward_loop<8, scalar_t, index_t>()
                                                                 : backward_loop<1, scalar_t, index_t>();
   // All heads of a level in one task when that leaves enough tasks (4 per thread): the loop then walks every
   // head of neighbouring tokens together. One head's rows alone, one in every M * D values, would map onto an

@@ -27,6 +27,7 @@ OUT_DIR/summary.md. The exit status is 0 when every step passed. The dry run (``
 (``make setup`` built the CPU kernels) and the sanitizer, and runs the other steps on tiny sizes.
 """
 import argparse
+import glob
 import json
 import math
 import os
@@ -175,9 +176,9 @@ def memcheck(check: Check):
     started = time.monotonic()
     workload = [sys.executable, str(Path(__file__).resolve()), "--workload", check.device]
     if check.gpu:
-        sanitizer = shutil.which("compute-sanitizer")
+        sanitizer = find_sanitizer()
         if sanitizer is None:
-            check.record("memcheck", started, False, "compute-sanitizer is not on PATH")
+            check.record("memcheck", started, False, "no compute-sanitizer on PATH or in the CUDA toolkit")
             return
         command = [sanitizer, "--tool", "memcheck", "--error-exitcode", "1", "--print-limit", "20", *workload]
         run = check.run("memcheck", command, check.env(PYTORCH_NO_CUDA_MEMORY_CACHING="1"))
@@ -191,6 +192,19 @@ def memcheck(check: Check):
     ok = run is not None and run.returncode == 0 and "workload done" in run.stdout and (not check.gpu or errors == 0)
     details = (f"{errors} errors" if check.gpu else "workload ran (no sanitizer on the CPU)") if ok else failure(run)
     check.record("memcheck", started, ok, details)
+
+
+def find_sanitizer() -> Optional[str]:
+    """compute-sanitizer on the PATH, else in a CUDA toolkit (bin/ or its own folder)."""
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    homes = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    for home in filter(None, homes):
+        for candidate in (Path(home) / "bin" / "compute-sanitizer", Path(home) / "compute-sanitizer" / "compute-sanitizer"):
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    return None
 
 
 def op_benchmark(check: Check):
