@@ -109,29 +109,50 @@ def test_checkpointer_converts_the_authors_layout_on_the_fly(official, fixture_m
         assert torch.equal(state[key], value), key
 
 
-def test_91_classes_map_to_detectron2_order(recipe, official, fixture_model):
-    fixture, _ = recipe
+def coco_91_rows(official):
+    """The fixture's official weights with 91-row class heads, each row holding its COCO id."""
     coco = {}
     for key, value in official.items():
-        if "class_embed" in key:  # 91 rows, each holding its COCO id
+        if "class_embed" in key:
             ids = torch.arange(91, dtype=value.dtype)
             coco[key] = ids.view(-1, 1).expand(91, value.shape[1]).clone() if value.dim() == 2 else ids
-    converted = convert_state_dict({"model": {**official, **coco}})
+    return {**official, **coco}
+
+
+def test_91_class_columns_are_kept_for_the_paper_configs(official, tmp_path, converter_main):
+    src, dst = tmp_path / "official.pth", tmp_path / "converted.pth"
+    torch.save({"model": coco_91_rows(official)}, src)
+    assert converter_main([str(src), str(dst)]) == 0
+    converted = torch.load(dst, map_location="cpu", weights_only=False)["model"]
     heads = [k for k in converted if k.startswith("transformer.class_embed.")]
     assert len(heads) == 2 * 12  # 6 decoder layers, the two-stage head, 5 encoder auxiliary heads
     for key in heads:
         rows = converted[key] if key.endswith("bias") else converted[key][:, 0]
+        assert rows.tolist() == list(range(91)), key
+    # the paper config on COCO has the authors' 91 columns: it takes the file strictly
+    torch.manual_seed(0)
+    model = build_model(build_config("sparse_detr_r50_rho0.2.yaml", tiny=False, NUM_CLASSES=80))
+    model.load_state_dict(converted, strict=True)
+    assert model.class_columns.tolist() == COCO_IDS
+
+
+def test_91_classes_to_contiguous_heads_pick_the_coco_ids(official, fixture_model, tmp_path, converter_main):
+    src, dst = tmp_path / "official.pth", tmp_path / "converted.pth"
+    torch.save({"model": coco_91_rows(official)}, src)
+    assert converter_main([str(src), str(dst), "--contiguous-classes"]) == 0
+    converted = torch.load(dst, map_location="cpu", weights_only=False)["model"]
+    for key in [k for k in converted if k.startswith("transformer.class_embed.")]:
+        rows = converted[key] if key.endswith("bias") else converted[key][:, 0]
         assert rows.tolist() == COCO_IDS, key
         assert rows[0] == 1 and rows[79] == 90  # person, toothbrush
-    # everything else is the fixture's model: an 80-class model of the same config takes it strictly
-    own = fixture_model.state_dict()
-    assert converted.keys() == own.keys()
-    for key, value in converted.items():
-        expected = (80,) + tuple(own[key].shape[1:]) if key in heads else tuple(own[key].shape)
-        assert tuple(value.shape) == expected, key
     torch.manual_seed(0)
-    build_model(build_config("sparse_detr_r50_rho0.2.yaml", tiny=False, NUM_CLASSES=80)).load_state_dict(
-        converted, strict=True)
+    contiguous = build_model(build_config("sparse_detr_r50_rho0.2.yaml", tiny=False, NUM_CLASSES=80,
+                                          CLASS_COLUMNS="contiguous"))
+    contiguous.load_state_dict(converted, strict=True)
+    # the checkpointer does the same from the 91-row file, on the fly
+    SparseDETRCheckpointer(contiguous).load(str(src))
+    state = contiguous.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in converted.items())
 
 
 def test_official_swin_detector_checkpoint_loads_strictly(official, tmp_path):

@@ -14,6 +14,8 @@ writes a PNG (``--plot``) and a markdown table.
 What is measured (SPEC section 6):
 
 * ``params_m``: trainable parameters, in millions (frozen stem and res2 excluded, as the authors count).
+  ``params_paper_m``: the same without Sparse DETR's encoder auxiliary heads, which the paper's count
+  (40.9 M for Sparse DETR) leaves out; equal to ``params_m`` for the other rows.
 * ``gflops``: fvcore's count of one inference on one random 3x850x1040 image (``--image-size``), one
   multiply-add = one FLOP, over the operators the authors' counter covered (see ``sparse_detr/flops.py``):
   it includes 4 multiply-adds per sampled value for the bilinear taps of the deformable attention, which
@@ -21,7 +23,8 @@ What is measured (SPEC section 6):
   ``gflops_with_sampling`` adds the weighting: the deformable sampling then costs
   5 * N * Lq * M * L * P * D per attention call (4 bilinear taps + 1 weight, for each of the N images, Lq
   queries, M heads, L levels, P points and D channels per head).
-  The authors' model has 91 classes (COCO ids), this project's 80: ``--num-classes 91`` counts their heads.
+  The paper configs have the authors' class heads on COCO, a column per category id (91), so the counts
+  are theirs as they stand (``MODEL.SPARSE_DETR.CLASS_COLUMNS``).
   The count depends on the image size only, so the weights are random (``MODEL.WEIGHTS`` is ignored).
 * ``fps`` and ``b4fps``: images per second through the Detectron2 interface (``model(batched_inputs)``,
   post-processing included) at batch 1 and batch 4 of the same image, from the median of ``--repeats``
@@ -88,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, nargs=2, default=[850, 1040], metavar=("H", "W"),
                         help="image of the FLOP count and the timings (the authors' 850 x 1040)")
     parser.add_argument("--num-classes", type=int, default=None,
-                        help="override MODEL.SPARSE_DETR.NUM_CLASSES (91 to count the authors' heads)")
+                        help="override MODEL.SPARSE_DETR.NUM_CLASSES (contiguous class heads of that size)")
     parser.add_argument("--skip-fps", action="store_true", help="parameters and GFLOPs only")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per batch size")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs before them")
@@ -138,8 +141,20 @@ def build_benchmark_model(config_file: Path, opts: Sequence[str], num_classes: O
     return cfg, build_model(cfg).eval()
 
 
-def trainable_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def trainable_parameters(model: torch.nn.Module, exclude: Sequence[str] = ()) -> int:
+    """Trainable parameters, without those whose names start with one of ``exclude``."""
+    exclude = tuple(exclude)
+    return sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and not name.startswith(exclude))
+
+
+def encoder_auxiliary_heads(model: torch.nn.Module) -> List[str]:
+    """Name prefixes of Sparse DETR's encoder auxiliary heads (after the decoder's and the two-stage head)."""
+    transformer = model.transformer
+    if not transformer.use_enc_aux_loss:
+        return []
+    first = transformer.num_decoder_layers + int(transformer.two_stage)
+    return [f"transformer.{kind}.{i}." for kind in ("class_embed", "bbox_embed")
+            for i in range(first, len(transformer.class_embed))]
 
 
 def random_image(height: int, width: int, seed: int) -> torch.Tensor:
@@ -270,7 +285,9 @@ def benchmark_config(config_file: Path, args) -> Dict:
         "dtype": args.dtype,
         "image_size": [height, width],
         "num_classes": cfg.MODEL.SPARSE_DETR.NUM_CLASSES,
+        "class_columns": model.transformer.class_embed[0].out_features,
         "params_m": trainable_parameters(model) / 1e6,
+        "params_paper_m": trainable_parameters(model, encoder_auxiliary_heads(model)) / 1e6,
         "gflops": flops.total / 1e9,
         "gflops_with_sampling": flops.total_with_sampling / 1e9,
         "fps": None, "fps_iqr": None, "b4fps": None, "b4fps_iqr": None, "peak_mem_mb": None,
@@ -303,20 +320,22 @@ def _fmt(value, spec: str = ".1f", iqr=None) -> str:
 
 
 def markdown_table(results: List[Dict]) -> str:
-    lines = ["| config | #params (M) | GFLOPs | GFLOPs incl. sampling weighting | FPS (IQR) | B4FPS (IQR) "
-             "| peak memory (MB) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| config | #params (M), paper | #params (M), all | GFLOPs | GFLOPs incl. sampling weighting "
+             "| FPS (IQR) | B4FPS (IQR) | peak memory (MB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['config']} | error: {r['error']} | | | | | |")
+            lines.append(f"| {r['config']} | error: {r['error']} | | | | | | |")
             continue
-        lines.append(f"| {r['config']} | {r['params_m']:.1f} | {r['gflops']:.1f} | {r['gflops_with_sampling']:.1f} "
+        lines.append(f"| {r['config']} | {r['params_paper_m']:.1f} | {r['params_m']:.1f} | {r['gflops']:.1f} "
+                     f"| {r['gflops_with_sampling']:.1f} "
                      f"| {_fmt(r['fps'], '.3g', r['fps_iqr'])} | {_fmt(r['b4fps'], '.3g', r['b4fps_iqr'])} "
                      f"| {_fmt(r['peak_mem_mb'], '.0f')} |")
     first = next((r for r in results if "error" not in r), None)
     if first is not None:
         lines.append("")
-        lines.append(f"Image {first['image_size'][0]}x{first['image_size'][1]}, {first['num_classes']} classes, "
+        lines.append(f"Image {first['image_size'][0]}x{first['image_size'][1]}, {first['num_classes']} classes "
+                     f"({first['class_columns']} class columns), "
                      f"{first['device_name']}, {first['dtype']}.")
     return "\n".join(lines)
 

@@ -49,7 +49,8 @@ class Trainer(DefaultTrainer):
         else:
             self._trainer = SimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = SparseDETRCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = SparseDETRCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+                                                   reinit_class_heads=cfg.MODEL.SPARSE_DETR.REINIT_CLASS_HEADS)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg

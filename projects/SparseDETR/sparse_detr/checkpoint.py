@@ -3,7 +3,9 @@
 Accepted inputs of :func:`convert_checkpoint`:
 
 * an authors' Deformable / Efficient / Sparse DETR checkpoint (``{"model": state_dict}``, R50 or Swin-T):
-  91 COCO classes are mapped to Detectron2's 80 contiguous ones, any other class count is kept;
+  its class heads are kept as they are (the COCO models' 91 columns, one per category id 0 .. 90, are part
+  of the model: see ``MODEL.SPARSE_DETR.CLASS_COLUMNS``); ``contiguous_classes=True`` keeps only the rows
+  of the 80 used COCO ids, in Detectron2's contiguous order, for contiguous class heads;
 * a torchvision ResNet-50 state dict (``conv1.weight``, ``layer1.0...``), for MODEL.WEIGHTS;
 * the ImageNet Swin-T checkpoint (``{"model": {"patch_embed...", "layers...."}}``), for MODEL.WEIGHTS;
 * an SCRL checkpoint (``online_network_state_dict`` with ``encoder.{0,1,4,5,6,7}``), for MODEL.WEIGHTS.
@@ -25,6 +27,7 @@ __all__ = ["convert_checkpoint", "convert_state_dict", "save_checkpoint_atomical
 logger = logging.getLogger(__name__)
 
 COCO_THING_IDS = [c["id"] for c in COCO_CATEGORIES if c["isthing"]]  # Detectron2's contiguous order
+COCO_ID_COLUMNS = max(COCO_THING_IDS) + 1  # the authors' heads: a column per COCO id 0 .. 90
 SCRL_ENCODER_TO_TORCHVISION = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 EXPECTED_INPUTS = ("an authors' Deformable/Efficient/Sparse DETR checkpoint ({'model': ...} with 'transformer.*' keys), "
                    "a torchvision ResNet-50 state dict ('conv1.weight', 'layer1.*'), the ImageNet Swin-T checkpoint "
@@ -48,11 +51,7 @@ def _is_swin(names) -> bool:
     return any(n.startswith("patch_embed.") for n in names)
 
 
-def _map_classes(tensor: Tensor) -> Tensor:
-    return tensor[COCO_THING_IDS] if tensor.shape[0] == 91 else tensor
-
-
-def _convert_detector(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
+def _convert_detector(sd: Dict[str, Tensor], contiguous_classes: bool) -> Dict[str, Tensor]:
     body = {k[len("backbone.0.body."):]: v for k, v in sd.items() if k.startswith("backbone.0.body.")}
     swin = _is_swin(body)
     out = {_backbone_key(k, swin): v for k, v in body.items() if not k.endswith("num_batches_tracked")}
@@ -68,8 +67,11 @@ def _convert_detector(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
         if head:
             if not separate_heads and head.group(2) != "0":
                 continue  # one head shared by every decoder layer
-            if head.group(1) == "class_embed":
-                value = _map_classes(value)
+            if head.group(1) == "class_embed" and contiguous_classes:
+                if value.shape[0] != COCO_ID_COLUMNS:
+                    raise ValueError(f"contiguous_classes picks the 80 COCO rows of a {COCO_ID_COLUMNS}-row class "
+                                     f"head, but {key} has {value.shape[0]} rows")
+                value = value[COCO_THING_IDS]
             out[f"transformer.{key}"] = value
         elif key == "query_embed.weight":
             out["transformer.query_embed.weight"] = value
@@ -78,8 +80,11 @@ def _convert_detector(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return out
 
 
-def convert_state_dict(checkpoint: Dict) -> Dict[str, Tensor]:
-    """Any accepted input (see the module docstring) -> a state dict in this project's names."""
+def convert_state_dict(checkpoint: Dict, contiguous_classes: bool = False) -> Dict[str, Tensor]:
+    """Any accepted input (see the module docstring) -> a state dict in this project's names.
+
+    ``contiguous_classes``: reduce the authors' 91-row COCO class heads to the 80 used ids (contiguous order).
+    """
     if not isinstance(checkpoint, dict):
         raise ValueError(f"expected a dict, got {type(checkpoint).__name__}; expected {EXPECTED_INPUTS}")
     if "online_network_state_dict" in checkpoint:
@@ -95,7 +100,7 @@ def convert_state_dict(checkpoint: Dict) -> Dict[str, Tensor]:
     sd = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
     sd = {k: v for k, v in sd.items() if not k.endswith(("total_ops", "total_params"))}
     if any(k.startswith("transformer.") for k in sd):
-        return _convert_detector(sd)
+        return _convert_detector(sd, contiguous_classes)
     if "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
         return {_backbone_key(k, False): v for k, v in sd.items()
                 if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
@@ -119,7 +124,7 @@ def save_checkpoint_atomically(obj, path: str) -> None:
         raise
 
 
-def convert_checkpoint(src: str, dst: str) -> Dict[str, Tensor]:
+def convert_checkpoint(src: str, dst: str, contiguous_classes: bool = False) -> Dict[str, Tensor]:
     """Convert the file ``src`` (see the module docstring) into a Detectron2 checkpoint at ``dst``."""
     if not os.path.isfile(src):
         raise FileNotFoundError(f"no checkpoint at {src}")
@@ -127,7 +132,7 @@ def convert_checkpoint(src: str, dst: str) -> Dict[str, Tensor]:
         checkpoint = torch.load(src, map_location="cpu", weights_only=False)
     except Exception as e:  # pickle, zip and EOF errors: whatever it is, it is not a checkpoint
         raise ValueError(f"{src} is not a PyTorch checkpoint ({type(e).__name__}: {e}); expected {EXPECTED_INPUTS}")
-    sd = convert_state_dict(checkpoint)
+    sd = convert_state_dict(checkpoint, contiguous_classes)
     save_checkpoint_atomically({"model": sd, "__author__": "sparse_detr.convert_checkpoint"}, dst)
     logger.info("converted %s -> %s (%d tensors)", src, dst, len(sd))
     return sd
@@ -136,9 +141,11 @@ def convert_checkpoint(src: str, dst: str) -> Dict[str, Tensor]:
 class SparseDETRCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer that also reads the authors' checkpoints and checks the class count.
 
-    Loading a checkpoint whose heads have a different number of classes than the model raises a
-    ValueError naming both counts, unless ``reinit_class_heads=True`` (fine-tuning on a new dataset),
-    in which case the class heads keep their fresh initialisation.
+    Class heads are loaded as they are when the checkpoint and the model agree on their size. A checkpoint
+    with a row per category id (the authors' 91-row COCO models) loaded into contiguous class heads keeps the
+    rows of the dataset's ids (``model.dataset_class_ids``), in contiguous order. Any other mismatch raises a
+    ValueError naming both layouts, unless ``reinit_class_heads=True`` (fine-tuning on a new dataset), in
+    which case the class heads keep their fresh initialisation.
     """
 
     def __init__(self, model, save_dir: str = "", *, reinit_class_heads: bool = False, **checkpointables):
@@ -158,16 +165,43 @@ class SparseDETRCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint):
         sd = checkpoint["model"]
         own = self.model.state_dict()
+        class_columns = getattr(self.model, "class_columns", None)
+        ids = getattr(self.model, "dataset_class_ids", None)
+        picked = []
         for key in [k for k in sd if k.startswith("transformer.class_embed.") and k in own]:
             have, want = sd[key].shape[0], own[key].shape[0]
             if have == want:
                 continue
-            if not self.reinit_class_heads:
-                raise ValueError(f"the checkpoint's class heads have {have} classes ({key}), but the model has "
-                                 f"{want} (MODEL.SPARSE_DETR.NUM_CLASSES): set NUM_CLASSES to {have}, or load it "
-                                 f"with reinit_class_heads=True to fine-tune fresh class heads")
-            del sd[key]
+            if class_columns is None and ids is not None and want == len(ids) and have == max(ids) + 1:
+                sd[key] = sd[key][ids]  # category-id rows -> the contiguous classes' rows
+                picked.append(key)
+            elif self.reinit_class_heads:
+                del sd[key]
+            else:
+                raise ValueError(self._class_layout_error(key, have, want, class_columns is not None, ids))
+        if picked:
+            self.logger.info("the checkpoint's class heads have a row per category id (%d), the model's are "
+                             "contiguous (%d): took the rows of the dataset's category ids", max(ids) + 1, len(ids))
         return super()._load_model(checkpoint)
+
+    @staticmethod
+    def _class_layout_error(key: str, have: int, want: int, model_by_ids: bool, ids) -> str:
+        if ids is not None and have == max(ids) + 1:
+            theirs = f"{have} rows, one per category id 0 .. {have - 1}"
+        elif ids is not None and have == len(ids):
+            theirs = f"{have} rows, one per contiguous class"
+        else:
+            theirs = f"{have} rows"
+        if model_by_ids:
+            ours = f"{want} columns, one per category id (MODEL.SPARSE_DETR.CLASS_COLUMNS 'dataset_ids')"
+        else:
+            ours = f"{want} columns, one per contiguous class (MODEL.SPARSE_DETR.NUM_CLASSES)"
+        if model_by_ids and ids is not None and have == len(ids):
+            hint = "set MODEL.SPARSE_DETR.CLASS_COLUMNS contiguous to load it"
+        else:
+            hint = (f"set MODEL.SPARSE_DETR.NUM_CLASSES (and CLASS_COLUMNS) to the checkpoint's classes, or "
+                    f"MODEL.SPARSE_DETR.REINIT_CLASS_HEADS True to fine-tune fresh class heads")
+        return f"the checkpoint's class heads have {theirs} ({key}), but the model's have {ours}: {hint}"
 
     def save(self, name: str, **kwargs) -> None:
         """Like DetectionCheckpointer.save, but written atomically (temporary file, then rename)."""

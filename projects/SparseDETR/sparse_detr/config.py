@@ -8,8 +8,21 @@ def add_sparse_detr_config(cfg):
     """Add ``cfg.MODEL.SPARSE_DETR`` and the solver keys of the DETR recipe; defaults follow the paper."""
     cfg.MODEL.SPARSE_DETR = CN()
     sd = cfg.MODEL.SPARSE_DETR
-    # Classes of the classification head (80 for COCO in Detectron2's contiguous ids).
+    # Classes of the dataset (80 for COCO): the model reports them as Detectron2's contiguous ids 0 .. K-1.
     sd.NUM_CLASSES = 80
+    # Layout of the class heads' columns (the classification logits inside the model):
+    # * "contiguous": NUM_CLASSES columns, column k = contiguous class k (the default for own datasets);
+    # * "dataset_ids": one column per category id of the dataset, 0 .. max id, column i = category id i,
+    #   the ids taken from the metadata of DATASETS.TRAIN[0] (else TEST[0]): thing_dataset_id_to_contiguous_id.
+    #   For COCO these are the authors' 91 columns (ids 0 .. 90, 80 of them used), with which their
+    #   released models were trained. Every column takes part inside the model (two-stage objectness and
+    #   query selection, every loss); detections are the top NUM_DETECTIONS (query, class) pairs over the
+    #   columns of the dataset's classes, reported as contiguous ids. When the metadata has no id mapping or
+    #   maps another number of classes than NUM_CLASSES, the layout falls back to "contiguous" (with a warning).
+    sd.CLASS_COLUMNS = "contiguous"
+    # Fine-tuning on another dataset: class heads whose size differs from the checkpoint's (MODEL.WEIGHTS)
+    # keep their fresh initialisation instead of being an error; everything else is loaded.
+    sd.REINIT_CLASS_HEADS = False
     # Object queries of the decoder (and top-k proposals of the two-stage head), N in the paper.
     sd.NUM_QUERIES = 300
     # Transformer width d and attention heads M.

@@ -1,10 +1,10 @@
 """Loading datasets for training and evaluation with clear errors for what users get wrong."""
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 
-__all__ = ["check_dataset_files", "check_num_classes", "load_train_dicts"]
+__all__ = ["check_dataset_files", "check_num_classes", "dataset_category_ids", "load_train_dicts"]
 
 COCO_LAYOUT = """expected Detectron2's COCO layout under $DETECTRON2_DATASETS (now {root!r}):
   coco/annotations/instances_{{train,val}}2017.json
@@ -40,3 +40,23 @@ def load_train_dicts(names: Sequence[str], num_classes: int, filter_empty: bool)
     for name in names:
         check_num_classes(name, num_classes)
     return dicts
+
+
+def dataset_category_ids(names: Sequence[str], load: bool = False) -> Optional[List[int]]:
+    """The dataset's category id of each contiguous class (``thing_dataset_id_to_contiguous_id`` inverted).
+
+    Read from the metadata of the first of ``names`` that has the mapping. Detectron2's builtin COCO has it
+    from registration; a dataset registered with ``register_coco_instances`` records it when its json is
+    loaded, which ``load=True`` does for the first registered dataset. None when no dataset has a mapping.
+    """
+    for name in names:
+        meta = MetadataCatalog.get(name)
+        if "thing_dataset_id_to_contiguous_id" not in meta.as_dict() and load and name in DatasetCatalog.list():
+            DatasetCatalog.get(name)
+        mapping = meta.get("thing_dataset_id_to_contiguous_id", None)
+        if mapping:
+            if sorted(mapping.values()) != list(range(len(mapping))):
+                raise ValueError(f"dataset {name!r}: thing_dataset_id_to_contiguous_id must map onto 0 .. "
+                                 f"{len(mapping) - 1}, got {mapping}")
+            return sorted(mapping, key=mapping.get)
+    return None

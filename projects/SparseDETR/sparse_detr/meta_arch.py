@@ -1,6 +1,6 @@
 """The ``SparseDETR`` meta-architecture: Deformable DETR, its Top-k & BBR and Efficient DETR variants, Sparse DETR."""
 import logging
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +14,38 @@ from detectron2.utils.events import get_event_storage
 
 from .backbone import sine_position_embedding
 from .criterion import HungarianMatcher, SetCriterion, dam_recall_masses, output_dam, updated_token_mask
+from .datasets import dataset_category_ids
 from .transformer import FlatFeatures, SparseDeformableTransformer, TransformerOutput
 
-__all__ = ["SparseDETR"]
+__all__ = ["SparseDETR", "class_head_layout"]
 
 logger = logging.getLogger(__name__)
+CLASS_LAYOUTS = ("contiguous", "dataset_ids")
+
+
+def class_head_layout(cfg) -> Tuple[Optional[List[int]], Optional[List[int]]]:
+    """``(class_columns, dataset_class_ids)`` of ``MODEL.SPARSE_DETR.CLASS_COLUMNS`` (see config.py).
+
+    ``dataset_class_ids``: the category id of each contiguous class, from the metadata of the config's
+    datasets, when it names NUM_CLASSES classes. ``class_columns``: the head column of each contiguous
+    class, None for contiguous heads (column k = class k).
+    """
+    sd = cfg.MODEL.SPARSE_DETR
+    if sd.CLASS_COLUMNS not in CLASS_LAYOUTS:
+        raise ValueError(f"MODEL.SPARSE_DETR.CLASS_COLUMNS must be one of {CLASS_LAYOUTS}, got {sd.CLASS_COLUMNS!r}")
+    by_ids = sd.CLASS_COLUMNS == "dataset_ids"
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    ids = dataset_category_ids(names, load=by_ids)
+    if ids is not None and len(ids) != sd.NUM_CLASSES:
+        if by_ids:
+            logger.warning("CLASS_COLUMNS 'dataset_ids': the metadata of %s maps %d classes, NUM_CLASSES is %d: "
+                           "contiguous class heads instead", names, len(ids), sd.NUM_CLASSES)
+        ids = None
+    elif ids is None and by_ids:
+        logger.warning("CLASS_COLUMNS 'dataset_ids': no dataset of %s has thing_dataset_id_to_contiguous_id: "
+                       "contiguous class heads instead", names)
+    columns = ids if by_ids and ids is not None and ids != list(range(len(ids))) else None
+    return columns, ids
 
 
 @META_ARCH_REGISTRY.register()
@@ -35,7 +62,15 @@ class SparseDETR(nn.Module):
     @configurable
     def __init__(self, *, backbone: Backbone, in_features: List[str], transformer: SparseDeformableTransformer,
                  criterion: SetCriterion, pixel_mean, pixel_std, num_feature_levels: int,
-                 num_detections: int = 100, report_dam_recall: bool = False):
+                 num_detections: int = 100, report_dam_recall: bool = False,
+                 class_columns: Optional[Sequence[int]] = None, dataset_class_ids: Optional[Sequence[int]] = None):
+        """
+        Args:
+            class_columns: the class heads' column of each contiguous class (the dataset's category ids when
+                the heads have a column per id, as the authors' 91-column COCO models); None: column k = class k.
+            dataset_class_ids: the dataset's category id of each contiguous class, when known (lets the
+                checkpointer pick the rows of a category-id checkpoint for contiguous heads).
+        """
         super().__init__()
         self.backbone = backbone
         self.in_features = in_features
@@ -59,17 +94,28 @@ class SparseDETR(nn.Module):
             nn.init.zeros_(proj[0].bias)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        num_columns = self.transformer.class_embed[0].out_features
+        if class_columns is not None:
+            columns = list(class_columns)
+            if len(set(columns)) != len(columns) or min(columns) < 0 or max(columns) >= num_columns:
+                raise ValueError(f"class_columns must be distinct columns of the {num_columns}-column class heads, "
+                                 f"got {columns}")
+            class_columns = torch.tensor(columns, dtype=torch.long)
+        self.register_buffer("class_columns", class_columns, False)
+        self.dataset_class_ids = list(dataset_class_ids) if dataset_class_ids is not None else None
 
     @classmethod
     def from_config(cls, cfg):
         sd = cfg.MODEL.SPARSE_DETR
+        class_columns, dataset_class_ids = class_head_layout(cfg)
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
         in_features = sorted(shapes, key=lambda f: shapes[f].stride)
         if sd.NUM_FEATURE_LEVELS < len(in_features):
             in_features = in_features[len(in_features) - sd.NUM_FEATURE_LEVELS:]
         transformer = SparseDeformableTransformer(
-            num_classes=sd.NUM_CLASSES, d_model=sd.HIDDEN_DIM, nhead=sd.NHEADS, num_encoder_layers=sd.ENC_LAYERS,
+            num_classes=max(class_columns) + 1 if class_columns else sd.NUM_CLASSES, d_model=sd.HIDDEN_DIM,
+            nhead=sd.NHEADS, num_encoder_layers=sd.ENC_LAYERS,
             num_decoder_layers=sd.DEC_LAYERS, dim_feedforward=sd.DIM_FEEDFORWARD, dropout=sd.DROPOUT,
             num_feature_levels=sd.NUM_FEATURE_LEVELS, enc_n_points=sd.ENC_N_POINTS, dec_n_points=sd.DEC_N_POINTS,
             num_queries=sd.NUM_QUERIES, two_stage=sd.TWO_STAGE, with_box_refine=sd.WITH_BOX_REFINE,
@@ -83,7 +129,8 @@ class SparseDETR(nn.Module):
         return {"backbone": backbone, "in_features": in_features, "transformer": transformer, "criterion": criterion,
                 "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
                 "num_feature_levels": sd.NUM_FEATURE_LEVELS, "num_detections": sd.NUM_DETECTIONS,
-                "report_dam_recall": cfg.TEST.DAM_RECALL}
+                "report_dam_recall": cfg.TEST.DAM_RECALL, "class_columns": class_columns,
+                "dataset_class_ids": dataset_class_ids}
 
     @property
     def device(self) -> torch.device:
@@ -168,14 +215,18 @@ class SparseDETR(nn.Module):
             storage.put_scalars(**metrics)
         return losses
 
+    def class_logits(self, logits: Tensor) -> Tensor:
+        """(..., columns) head logits -> (..., K) logits of the dataset's classes, in contiguous order."""
+        return logits if self.class_columns is None else logits.index_select(-1, self.class_columns)
+
     def postprocess(self, out: TransformerOutput, batched_inputs: List[Dict]) -> List[Dict]:
         """``[{"instances": Instances}]`` in each input's requested "height" x "width" (default: its own size)."""
-        results = self.inference(out.pred_logits[-1], out.pred_boxes[-1], out.image_sizes)
+        results = self.inference(self.class_logits(out.pred_logits[-1]), out.pred_boxes[-1], out.image_sizes)
         return [{"instances": detector_postprocess(r, x.get("height", r.image_size[0]), x.get("width", r.image_size[1]))}
                 for r, x in zip(results, batched_inputs)]
 
     def prepare_targets(self, batched_inputs: List[Dict], image_sizes, dtype: torch.dtype):
-        """Ground truth as normalised cxcywh boxes relative to each (unpadded) input image."""
+        """Ground truth as normalised cxcywh boxes relative to each (unpadded) input image, labels as head columns."""
         targets = []
         for x, (h, w) in zip(batched_inputs, image_sizes):
             if "instances" not in x:
@@ -183,11 +234,16 @@ class SparseDETR(nn.Module):
             inst = x["instances"].to(self.device)
             scale = torch.tensor([w, h, w, h], dtype=dtype, device=self.device)
             boxes = box_convert(inst.gt_boxes.tensor.to(dtype) / scale, "xyxy", "cxcywh")
-            targets.append({"labels": inst.gt_classes, "boxes": boxes})
+            labels = inst.gt_classes if self.class_columns is None else self.class_columns[inst.gt_classes]
+            targets.append({"labels": labels, "boxes": boxes})
         return targets
 
     def inference(self, logits: Tensor, boxes: Tensor, image_sizes) -> List[Instances]:
-        """Top detections over queries x classes; boxes to absolute xyxy of each (unpadded) input image."""
+        """Top detections over queries x classes; boxes to absolute xyxy of each (unpadded) input image.
+
+        Args:
+            logits: (N, Q, K) logits of the dataset's classes (:meth:`class_logits`); boxes: (N, Q, 4) cxcywh.
+        """
         num_classes = logits.shape[-1]
         scores, index = logits.sigmoid().flatten(1).topk(min(self.num_detections, logits[0].numel()), dim=1)
         query = torch.div(index, num_classes, rounding_mode="floor")

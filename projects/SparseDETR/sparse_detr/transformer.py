@@ -147,6 +147,7 @@ class TransformerOutput:
     pred_boxes: List[Tensor]  # per decoder layer, (N, Q, 4) normalised cxcywh
     enc_logits: Optional[Tensor] = None  # two-stage head, (N, S, K)
     enc_boxes: Optional[Tensor] = None  # (N, S, 4)
+    query_tokens: Optional[Tensor] = None  # two-stage, (N, Q) the tokens whose proposals became the queries
     enc_aux_logits: List[Tensor] = field(default_factory=list)  # per encoder layer but the last, (N, k, K)
     enc_aux_boxes: List[Tensor] = field(default_factory=list)  # (N, k, 4)
     token_scores: Optional[Tensor] = None  # (N, S) scoring-network logits, padded tokens set to the batch minimum
@@ -335,6 +336,7 @@ class SparseDeformableTransformer(nn.Module):
         out.enc_boxes = enc_boxes_unact.sigmoid()
         objectness = out.enc_logits.max(-1).values if self.eff_specific_head else out.enc_logits[..., 0]
         topk = objectness.topk(self.num_queries, dim=1).indices
+        out.query_tokens = topk
         boxes_unact = enc_boxes_unact.gather(1, topk[..., None].expand(-1, -1, 4)).detach()
         embedding = sine_box_embedding(boxes_unact, self.d_model // 2).to(memory.dtype)
         pos = self.pos_trans_norm(self.pos_trans(embedding))
