@@ -27,10 +27,19 @@ What is measured (SPEC section 6):
   are theirs as they stand (``MODEL.SPARSE_DETR.CLASS_COLUMNS``).
   The count depends on the image size only, so the weights are random (``MODEL.WEIGHTS`` is ignored).
 * ``fps`` and ``b4fps``: images per second through the Detectron2 interface (``model(batched_inputs)``,
-  post-processing included) at batch 1 and batch 4 of the same image, from the median of ``--repeats``
+  post-processing included) on the inference path that evaluation takes (``TEST.FAST_INFERENCE``,
+  ``TEST.PRECISION``: see ``sparse_detr/inference.py``; ``TEST.FAST_INFERENCE False`` times the model as it
+  trains) at batch 1 and batch 4 of the same image, from the median of ``--repeats``
   timed runs after ``--warmup`` untimed ones (``torch.cuda.synchronize`` around each on CUDA); the spread
   is the interquartile range. ``--dtype bf16|fp16`` runs under ``torch.autocast``. On a CPU shared with other
   work, ``--threads 1 --clock cpu`` times the runs by the process's CPU time instead of the elapsed time.
+* ``--compare-plain`` also times the plain float32 path (the model as it trains, no autocast) in the same
+  run, the two paths taking turns run by run, and adds ``plain_fps``, ``plain_b4fps``, ``speedup`` (batch 1),
+  the machine (``cpu``: model name, native bf16 through AMX / AVX512-BF16) and the gap to its limit:
+  ``achieved_gflops_per_s`` (``gflops`` x FPS) against ``peak_gflops_per_s``, the CPU's peak for the
+  precision of the timed path in the same unit (a multiply-add is one FLOP): threads x clock x
+  multiply-adds a cycle and core (float32: 32 with AVX-512, 16 with AVX2 + FMA; bfloat16: 512 with AMX,
+  64 with AVX512-BF16), assuming two FMA units a core (``--peak-gflops`` overrides it).
 * ``peak_mem_mb``: on CUDA ``torch.cuda.max_memory_allocated`` during the batch-1 runs (weights included);
   on the CPU the rise of the process's peak resident set size (VmHWM, reset through
   ``/proc/self/clear_refs``) during the batch-1 runs over the resident size before them, after glibc's
@@ -61,6 +70,7 @@ from detectron2.modeling import build_model
 
 from sparse_detr import add_sparse_detr_config
 from sparse_detr.flops import count_flops
+from sparse_detr.inference import FastInferenceModel, has_native_bf16, inference_precision
 
 logger = logging.getLogger("sparse_detr.benchmark")
 
@@ -93,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-classes", type=int, default=None,
                         help="override MODEL.SPARSE_DETR.NUM_CLASSES (contiguous class heads of that size)")
     parser.add_argument("--skip-fps", action="store_true", help="parameters and GFLOPs only")
+    parser.add_argument("--compare-plain", action="store_true",
+                        help="also time the plain float32 path in the same run: speed-up, machine, share of peak")
+    parser.add_argument("--peak-gflops", type=float, default=None,
+                        help="the device's peak (multiply-adds per second, in G) for --compare-plain's share")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per batch size")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs before them")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -255,17 +269,68 @@ def timed_runs(run, device: torch.device, warmup: int, repeats: int, desc: Optio
     return seconds
 
 
+def _batch(image: torch.Tensor, batch_size: int) -> List[Dict]:
+    height, width = image.shape[-2:]
+    return [{"image": image, "height": height, "width": width} for _ in range(batch_size)]
+
+
 @torch.no_grad()
 def measure_speed(model: torch.nn.Module, image: torch.Tensor, batch_size: int, warmup: int, repeats: int,
                   dtype: str = "fp32", desc: str = "", clock=time.perf_counter) -> Speed:
     """Time ``model(batched_inputs)`` on ``batch_size`` copies of ``image`` (already on the model's device)."""
     device = image.device
-    height, width = image.shape[-2:]
-    batched_inputs = [{"image": image, "height": height, "width": width} for _ in range(batch_size)]
     with peak_memory(device) as memory, precision(device, dtype):
-        seconds = timed_runs(partial(model, batched_inputs), device, warmup, repeats, desc or f"batch {batch_size}",
-                             clock)
+        seconds = timed_runs(partial(model, _batch(image, batch_size)), device, warmup, repeats,
+                             desc or f"batch {batch_size}", clock)
     return Speed(batch_size, seconds, memory["mb"])
+
+
+@torch.no_grad()
+def compare_speeds(models: Dict[str, torch.nn.Module], image: torch.Tensor, batch_size: int, warmup: int,
+                   repeats: int, desc: str = "", clock=time.perf_counter) -> Dict[str, Speed]:
+    """Time several models on the same batch, taking turns run by run (a busy spell slows all alike)."""
+    device, batched_inputs = image.device, _batch(image, batch_size)
+    seconds = {name: [] for name in models}
+    for step in tqdm(range(warmup + repeats), desc=desc, leave=False, file=sys.stderr):
+        for name, model in models.items():
+            run = timed_runs(partial(model, batched_inputs), device, 0, 1, clock=clock)
+            if step >= warmup:
+                seconds[name] += run
+    return {name: Speed(batch_size, s, None) for name, s in seconds.items()}
+
+
+def cpu_description() -> Dict:
+    """Model name, clock and the vector/matrix units of this machine's CPU (Linux /proc/cpuinfo)."""
+    info = {"model": "unknown CPU", "mhz": None, "flags": set()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key == "model name":
+                    info["model"] = value
+                elif key == "cpu MHz" and info["mhz"] is None:
+                    info["mhz"] = float(value)
+                elif key == "flags":
+                    info["flags"] = set(value.split())
+                if key == "" and info["flags"]:
+                    break
+    except OSError:
+        pass
+    flags = info.pop("flags")
+    info.update(native_bf16=has_native_bf16(), amx_bf16="amx_bf16" in flags, avx512_bf16="avx512_bf16" in flags,
+                avx512f="avx512f" in flags, avx2_fma="avx2" in flags and "fma" in flags)
+    return info
+
+
+def cpu_peak_gflops(cpu: Dict, dtype: torch.dtype, threads: int) -> Optional[float]:
+    """Peak multiply-adds per second (G) of ``threads`` cores in ``dtype``; None when unknown (see the docstring)."""
+    if cpu["mhz"] is None:
+        return None
+    if dtype == torch.bfloat16:
+        per_cycle = 512 if cpu["amx_bf16"] else 64 if cpu["avx512_bf16"] else None
+    else:
+        per_cycle = 32 if cpu["avx512f"] else 16 if cpu["avx2_fma"] else None
+    return None if per_cycle is None else threads * cpu["mhz"] * 1e-3 * per_cycle
 
 
 # ---- one config ----------------------------------------------------------------------------------------
@@ -297,9 +362,19 @@ def benchmark_config(config_file: Path, args) -> Dict:
         device = torch.device(args.device)
         model.to(device)
         image = image.to(device)
+        path_dtype = inference_precision(cfg.TEST.PRECISION, device)
+        timed = FastInferenceModel(model, path_dtype) if cfg.TEST.FAST_INFERENCE else model
+        result["inference_path"] = f"fast, {str(path_dtype).split('.')[-1]}" if cfg.TEST.FAST_INFERENCE else "plain"
         for batch_size in args.batch_sizes:
-            speed = measure_speed(model, image, batch_size, args.warmup, args.repeats, args.dtype,
-                                  desc=f"{config_file.stem} batch {batch_size}", clock=CLOCKS[args.clock])
+            label = f"{config_file.stem} batch {batch_size}"
+            if args.compare_plain:
+                speeds = compare_speeds({"timed": timed, "plain": model}, image, batch_size, args.warmup,
+                                        args.repeats, desc=label, clock=CLOCKS[args.clock])
+                speed, plain = speeds["timed"], speeds["plain"]
+                result.setdefault("plain_fps_by_batch_size", {})[str(batch_size)] = plain.fps
+            else:
+                speed = measure_speed(timed, image, batch_size, args.warmup, args.repeats, args.dtype, desc=label,
+                                      clock=CLOCKS[args.clock])
             logger.info("%s batch %d: median %.1f ms, %.2f img/s (IQR %.2f-%.2f), peak memory %s MB",
                         config_file.name, batch_size, 1e3 * statistics.median(speed.seconds), speed.fps,
                         *speed.fps_iqr, "n/a" if speed.peak_mem_mb is None else f"{speed.peak_mem_mb:.0f}")
@@ -309,6 +384,16 @@ def benchmark_config(config_file: Path, args) -> Dict:
                 result.update(fps=speed.fps, fps_iqr=speed.fps_iqr, peak_mem_mb=speed.peak_mem_mb)
             elif batch_size == 4:
                 result.update(b4fps=speed.fps, b4fps_iqr=speed.fps_iqr)
+        if args.compare_plain:
+            plain_fps = result["plain_fps_by_batch_size"]
+            first = str(args.batch_sizes[0])
+            cpu = cpu_description() if device.type == "cpu" else None
+            peak = args.peak_gflops or (cpu_peak_gflops(cpu, path_dtype, torch.get_num_threads()) if cpu else None)
+            achieved = result["gflops"] * result["fps_by_batch_size"][first]
+            result.update(plain_fps=plain_fps.get("1"), plain_b4fps=plain_fps.get("4"),
+                          speedup=result["fps_by_batch_size"][first] / plain_fps[first], cpu=cpu,
+                          achieved_gflops_per_s=achieved, peak_gflops_per_s=peak,
+                          share_of_peak=None if peak is None else achieved / peak)
     return result
 
 
@@ -337,6 +422,24 @@ def markdown_table(results: List[Dict]) -> str:
         lines.append(f"Image {first['image_size'][0]}x{first['image_size'][1]}, {first['num_classes']} classes "
                      f"({first['class_columns']} class columns), "
                      f"{first['device_name']}, {first['dtype']}.")
+    return "\n".join(lines)
+
+
+def comparison_table(results: List[Dict]) -> str:
+    """--compare-plain: the fast path against the plain float32 path, and the gap to the machine's peak."""
+    lines = ["| config | plain float32 (ms) | fast path (ms) | speed-up | fast path | GFLOPs | achieved GFLOP/s "
+             "| peak GFLOP/s | share of peak |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for r in results:
+        if "error" in r or r.get("speedup") is None:
+            continue
+        lines.append(f"| {r['config']} | {1e3 / r['plain_fps']:.0f} | {1e3 / r['fps']:.0f} | {r['speedup']:.2f}x "
+                     f"| {r['inference_path']} | {r['gflops']:.1f} | {r['achieved_gflops_per_s']:.0f} "
+                     f"| {_fmt(r['peak_gflops_per_s'], '.0f')} | {_fmt(r['share_of_peak'], '.0%')} |")
+    cpu = next((r["cpu"] for r in results if r.get("cpu")), None)
+    if cpu is not None:
+        lines += ["", f"{cpu['model']} at {cpu['mhz']} MHz, {torch.get_num_threads()} threads; native bf16: "
+                      f"{'yes' if cpu['native_bf16'] else 'no'} (amx_bf16 {cpu['amx_bf16']}, avx512_bf16 "
+                      f"{cpu['avx512_bf16']}). Batch 1; GFLOPs as fvcore counts them (a multiply-add is one)."]
     return "\n".join(lines)
 
 
@@ -485,13 +588,17 @@ def main(argv: Optional[Sequence[str]] = None):
             except Exception as e:  # one broken config should not lose the others' rows
                 logger.exception("%s failed", config_file.name)
                 results.append({"config": config_file.name, "error": f"{type(e).__name__}: {e}"})
-        print(json.dumps({r["config"]: r for r in results}) if args.json else markdown_table(results))
+        print(json.dumps({r["config"]: r for r in results}) if args.json else render_tables(results, args))
         return
 
     if len(configs) != 1:
         raise SystemExit("give one --config-file (or --all / --scaling for several)")
     result = benchmark_config(configs[0], args)
-    print(json.dumps(result) if args.json else markdown_table([result]))
+    print(json.dumps(result) if args.json else render_tables([result], args))
+
+
+def render_tables(results: List[Dict], args) -> str:
+    return markdown_table(results) + ("\n\n" + comparison_table(results) if args.compare_plain else "")
 
 
 if __name__ == "__main__":

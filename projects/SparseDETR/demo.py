@@ -30,6 +30,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 import sparse_detr
 from sparse_detr.checkpoint import SparseDETRCheckpointer
+from sparse_detr.inference import build_inference_model
 from sparse_detr.visualization import draw_kept_tokens, kept_token_masks
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -49,9 +50,10 @@ class Predictor:
     """Resize like the test loader, run the model once, keep detections above the threshold."""
 
     def __init__(self, cfg, confidence_threshold: float):
-        self.model = build_model(cfg).eval()
+        model = build_model(cfg).eval()
         if cfg.MODEL.WEIGHTS:
-            SparseDETRCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+            SparseDETRCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        self.model = build_inference_model(cfg, model)  # TEST.FAST_INFERENCE, TEST.PRECISION
         self.resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
         self.threshold = confidence_threshold

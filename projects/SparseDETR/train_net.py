@@ -25,6 +25,7 @@ from sparse_detr.dataset_mapper import DetrDatasetMapper
 from sparse_detr.datasets import check_dataset_files, check_num_classes, load_train_dicts
 from sparse_detr.engine import MixedPrecisionTrainer, ResumableTrainLoader, StepSeedHook
 from sparse_detr.evaluation import DAMRecallEvaluator
+from sparse_detr.inference import build_inference_model
 from sparse_detr.solver import apply_epoch_schedule, build_optimizer
 
 logger = logging.getLogger("sparse_detr")
@@ -88,6 +89,11 @@ class Trainer(DefaultTrainer):
         check_dataset_files(dataset_name)
         return build_detection_test_loader(cfg, dataset_name, mapper=DatasetMapper(cfg, is_train=False),
                                            batch_size=cfg.TEST.IMS_PER_BATCH)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate on the fast inference path (TEST.FAST_INFERENCE, TEST.PRECISION)."""
+        return super().test(cfg, build_inference_model(cfg, model), evaluators)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

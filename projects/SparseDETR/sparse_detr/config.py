@@ -102,6 +102,14 @@ def add_sparse_detr_config(cfg):
     # In evaluation a sparse model (RHO > 0) also reports the DAM recall: the share of the decoder
     # attention map's mass on the tokens the encoder updated, overall and per level. Costs one splat.
     cfg.TEST.DAM_RECALL = True
+    # The fast inference path of evaluation (--eval-only and periodic), demo.py and benchmark.py: batch norms
+    # folded into the convolutions, channels-last convolutions, no work that only training or analysis
+    # uses; the same detections (see sparse_detr/inference.py). False runs the model as it trains.
+    cfg.TEST.FAST_INFERENCE = True
+    # Precision of the fast path: "float32", "bfloat16" (convolutions and linear layers in bf16; sampling
+    # locations, attention softmax, box and class heads and the token scores that top-k ranks stay in
+    # float32), or "auto": bfloat16 on CPUs with native bf16 (AMX or AVX512-BF16), float32 elsewhere.
+    cfg.TEST.PRECISION = "auto"
 
     # Training schedule in epochs: with EPOCHS > 0, SOLVER.MAX_ITER and SOLVER.STEPS are derived from the
     # training set's size (EPOCHS x iterations an epoch, learning rate x GAMMA after each LR_DROP_EPOCHS).

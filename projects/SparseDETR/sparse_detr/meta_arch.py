@@ -178,16 +178,17 @@ class SparseDETR(nn.Module):
             valid_ratios=valid_ratios.to(**to_device), valid_sizes=valid_sizes.to(**to_device),
             valid_token_counts=(~padding_mask).sum(1).tolist())
 
-    def predict(self, batched_inputs: List[Dict]) -> TransformerOutput:
+    def predict(self, batched_inputs: List[Dict], detections_only: bool = False) -> TransformerOutput:
         """Raw predictions of every output set (see :class:`TransformerOutput`), for analysis tools.
 
         They include every decoder layer's logits and boxes, the two-stage and encoder auxiliary outputs,
         the kept-token indices with n_i per image, the decoder's sampling locations and attention weights
         (the DAM's ingredients), and the (h, w) of each image as the model saw it.
-        ``postprocess(out, batched_inputs)`` turns them into Detectron2 results.
+        ``postprocess(out, batched_inputs)`` turns them into Detectron2 results. ``detections_only`` skips
+        what neither the detections nor the DAM need (see :meth:`SparseDeformableTransformer.forward`).
         """
         images = self.preprocess_image(batched_inputs)
-        out = self.transformer(self.flatten_features(images))
+        out = self.transformer(self.flatten_features(images), detections_only)
         out.image_sizes = images.image_sizes
         return out
 
@@ -196,13 +197,7 @@ class SparseDETR(nn.Module):
     def forward(self, batched_inputs: List[Dict]):
         out = self.predict(batched_inputs)
         if not self.training:
-            results = self.postprocess(out, batched_inputs)
-            if self.report_dam_recall and out.kept_tokens is not None:
-                masses = torch.stack(dam_recall_masses(output_dam(out), updated_token_mask(out), out.padding_mask,
-                                                       out.spatial_shapes), 1).cpu()  # one transfer: (N, 2, L)
-                for r, (kept, total) in zip(results, masses):
-                    r["dam_recall"] = {"kept_mass": kept, "total_mass": total}
-            return results
+            return self.evaluation_outputs(out, batched_inputs)
         dtype = torch.promote_types(out.pred_boxes[-1].dtype, torch.float32)  # float32 under autocast
         targets = self.prepare_targets(batched_inputs, out.image_sizes, dtype)
         metrics = {}
@@ -218,6 +213,16 @@ class SparseDETR(nn.Module):
     def class_logits(self, logits: Tensor) -> Tensor:
         """(..., columns) head logits -> (..., K) logits of the dataset's classes, in contiguous order."""
         return logits if self.class_columns is None else logits.index_select(-1, self.class_columns)
+
+    def evaluation_outputs(self, out: TransformerOutput, batched_inputs: List[Dict]) -> List[Dict]:
+        """What ``forward`` returns in evaluation: the detections, and the DAM recall's masses when reported."""
+        results = self.postprocess(out, batched_inputs)
+        if self.report_dam_recall and out.kept_tokens is not None:
+            masses = torch.stack(dam_recall_masses(output_dam(out), updated_token_mask(out), out.padding_mask,
+                                                   out.spatial_shapes), 1).cpu()  # one transfer: (N, 2, L)
+            for r, (kept, total) in zip(results, masses):
+                r["dam_recall"] = {"kept_mass": kept, "total_mass": total}
+        return results
 
     def postprocess(self, out: TransformerOutput, batched_inputs: List[Dict]) -> List[Dict]:
         """``[{"instances": Instances}]`` in each input's requested "height" x "width" (default: its own size)."""

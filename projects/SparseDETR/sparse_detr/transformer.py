@@ -138,6 +138,11 @@ class FlatFeatures:
     valid_sizes: Tensor  # (N, L, 2) (w, h) unpadded columns / rows of each level
     valid_token_counts: List[int]  # per image, unpadded tokens over all levels
 
+    @property
+    def value_mask(self) -> Optional[Tensor]:
+        """The padding mask for the attention's values; None when nothing is padded (known on the host)."""
+        return self.padding_mask if sum(self.valid_token_counts) < self.padding_mask.numel() else None
+
 
 @dataclass
 class TransformerOutput:
@@ -270,14 +275,21 @@ class SparseDeformableTransformer(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------
 
-    def forward(self, flat: FlatFeatures) -> TransformerOutput:
+    def forward(self, flat: FlatFeatures, detections_only: bool = False) -> TransformerOutput:
+        """Every output set; with ``detections_only``, only what the detections and the DAM need.
+
+        ``detections_only`` skips the encoder auxiliary heads, the two-stage box head on tokens that do not
+        become queries (``enc_boxes`` stays None) and the predictions of every decoder layer but the last
+        (``pred_logits`` and ``pred_boxes`` then hold the last layer only). The last layer's predictions, the
+        kept tokens and the DAM's ingredients are those of the full computation.
+        """
         out = TransformerOutput(pred_logits=[], pred_boxes=[], spatial_shapes=flat.spatial_shapes,
                                 level_start_index=flat.level_start_index, padding_mask=flat.padding_mask)
         need_proposals = self.two_stage or self.rho > 0
         proposals, proposal_valid = self.proposals(flat) if need_proposals else (None, None)
-        memory = self._encode(flat, proposals, proposal_valid, out)
-        tgt, query_pos, reference = self._init_queries(flat, memory, proposals, proposal_valid, out)
-        self._decode(flat, memory, tgt, query_pos, reference, out)
+        memory = self._encode(flat, proposals, proposal_valid, out, detections_only)
+        tgt, query_pos, reference = self._init_queries(flat, memory, proposals, proposal_valid, out, detections_only)
+        self._decode(flat, memory, tgt, query_pos, reference, out, detections_only)
         return out
 
     def _select_tokens(self, flat: FlatFeatures, proposal_valid: Tensor, out: TransformerOutput):
@@ -292,10 +304,11 @@ class SparseDeformableTransformer(nn.Module):
         out.sparse_token_nums = sparse_token_nums.to(scores.device, non_blocking=True)
         return out.kept_tokens, out.sparse_token_nums
 
-    def _encode(self, flat: FlatFeatures, proposals, proposal_valid, out: TransformerOutput) -> Tensor:
+    def _encode(self, flat: FlatFeatures, proposals, proposal_valid, out: TransformerOutput,
+                detections_only: bool = False) -> Tensor:
         reference = self.encoder_reference_points(flat)
         memory = flat.tokens
-        attn_args = (flat.spatial_shapes, flat.level_start_index, flat.padding_mask)
+        attn_args = (flat.spatial_shapes, flat.level_start_index, flat.value_mask)
         if self.rho <= 0:
             for layer in self.encoder.layers:
                 memory, _ = layer(memory, flat.pos, reference, memory, *attn_args)
@@ -308,20 +321,22 @@ class SparseDeformableTransformer(nn.Module):
             return x.gather(1, kept.view(*kept.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
 
         query, query_pos, query_ref = gather(memory), gather(flat.pos), gather(reference)
-        query_proposals = gather(proposals) if self.use_enc_aux_loss else None
+        auxiliary = self.use_enc_aux_loss and not detections_only
+        query_proposals = gather(proposals) if auxiliary else None
         # tokens beyond n_i of an image keep being updated as queries but are not written back
         write_back = (torch.arange(k, device=kept.device)[None] < sparse_token_nums[:, None])[..., None]
         index = kept[..., None].expand(-1, -1, memory.shape[-1])
         for lid, layer in enumerate(self.encoder.layers):
             query, _ = layer(query, query_pos, query_ref, memory, *attn_args)
             memory = memory.scatter(1, index, torch.where(write_back, query, memory.gather(1, index)))
-            if self.use_enc_aux_loss and lid < self.num_encoder_layers - 1:
+            if auxiliary and lid < self.num_encoder_layers - 1:
                 class_head, box_head = self._head(self.num_decoder_layers + 1 + lid)
                 out.enc_aux_logits.append(class_head(query))
                 out.enc_aux_boxes.append((box_head(query) + query_proposals).sigmoid())
         return memory
 
-    def _init_queries(self, flat: FlatFeatures, memory: Tensor, proposals, proposal_valid, out: TransformerOutput):
+    def _init_queries(self, flat: FlatFeatures, memory: Tensor, proposals, proposal_valid, out: TransformerOutput,
+                      detections_only: bool = False):
         n = memory.shape[0]
         if not self.two_stage:
             query_pos, tgt = self.query_embed.weight.split(self.d_model, dim=1)
@@ -332,12 +347,16 @@ class SparseDeformableTransformer(nn.Module):
         class_head, box_head = self._head(self.num_decoder_layers)
         projected = self._project_memory(memory, proposal_valid)
         out.enc_logits = class_head(projected)
-        enc_boxes_unact = proposals + box_head(projected)
-        out.enc_boxes = enc_boxes_unact.sigmoid()
         objectness = out.enc_logits.max(-1).values if self.eff_specific_head else out.enc_logits[..., 0]
         topk = objectness.topk(self.num_queries, dim=1).indices
         out.query_tokens = topk
-        boxes_unact = enc_boxes_unact.gather(1, topk[..., None].expand(-1, -1, 4)).detach()
+        if detections_only:  # the box head on the queries' tokens alone
+            selected = projected.gather(1, topk[..., None].expand(-1, -1, projected.shape[-1]))
+            boxes_unact = (proposals.gather(1, topk[..., None].expand(-1, -1, 4)) + box_head(selected)).detach()
+        else:
+            enc_boxes_unact = proposals + box_head(projected)
+            out.enc_boxes = enc_boxes_unact.sigmoid()
+            boxes_unact = enc_boxes_unact.gather(1, topk[..., None].expand(-1, -1, 4)).detach()
         embedding = sine_box_embedding(boxes_unact, self.d_model // 2).to(memory.dtype)
         pos = self.pos_trans_norm(self.pos_trans(embedding))
         if self.eff_query_init:
@@ -347,22 +366,27 @@ class SparseDeformableTransformer(nn.Module):
             query_pos, tgt = pos.split(self.d_model, dim=2)
         return tgt, query_pos, boxes_unact.sigmoid()
 
-    def _decode(self, flat: FlatFeatures, memory, tgt, query_pos, reference, out: TransformerOutput):
+    def _decode(self, flat: FlatFeatures, memory, tgt, query_pos, reference, out: TransformerOutput,
+                detections_only: bool = False):
         locations, weights = [], []
         for lid, layer in enumerate(self.decoder.layers):
             ratios = flat.valid_ratios if reference.shape[-1] == 2 else torch.cat([flat.valid_ratios] * 2, -1)
             tgt, attn = layer(tgt, query_pos, reference[:, :, None] * ratios[:, None], memory, flat.spatial_shapes,
-                              flat.level_start_index, flat.padding_mask)
+                              flat.level_start_index, flat.value_mask)
             locations.append(attn.sampling_locations)
             weights.append(attn.attention_weights)
             class_head, box_head = self._head(lid)
+            last = lid == len(self.decoder.layers) - 1
+            if detections_only and not (last or self.with_box_refine):
+                continue
             delta = box_head(tgt)
             if reference.shape[-1] == 4:
                 boxes = (delta + inverse_sigmoid(reference)).sigmoid()
             else:
                 boxes = torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()
-            out.pred_logits.append(class_head(tgt))
-            out.pred_boxes.append(boxes)
+            if last or not detections_only:
+                out.pred_logits.append(class_head(tgt))
+                out.pred_boxes.append(boxes)
             if self.with_box_refine:
                 reference = boxes.detach()
         out.dec_sampling_locations = torch.stack(locations, 1)

@@ -30,6 +30,7 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 import sparse_detr  # noqa: E402
 from sparse_detr.checkpoint import SparseDETRCheckpointer  # noqa: E402
+from sparse_detr.inference import build_inference_model  # noqa: E402
 from sparse_detr.visualization import draw_kept_tokens, kept_token_masks  # noqa: E402
 
 logger = logging.getLogger("sparse_detr.report")
@@ -109,6 +110,7 @@ def main(argv=None):
     cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg).eval()
     SparseDETRCheckpointer(model).load(weights)
+    model = build_inference_model(cfg, model)  # what evaluation ran
     dataset = cfg.DATASETS.TEST[0]
     metadata = MetadataCatalog.get(dataset)
     resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
