@@ -17,7 +17,7 @@ from .criterion import HungarianMatcher, SetCriterion, dam_recall_masses, output
 from .datasets import dataset_category_ids
 from .transformer import FlatFeatures, SparseDeformableTransformer, TransformerOutput
 
-__all__ = ["SparseDETR", "class_head_layout"]
+__all__ = ["SparseDETR", "class_head_layout", "masked_group_norm"]
 
 logger = logging.getLogger(__name__)
 CLASS_LAYOUTS = ("contiguous", "dataset_ids")
@@ -48,6 +48,23 @@ def class_head_layout(cfg) -> Tuple[Optional[List[int]], Optional[List[int]]]:
     return columns, ids
 
 
+def masked_group_norm(x: Tensor, norm: nn.GroupNorm, valid: Tensor) -> Tensor:
+    """``norm`` (a GroupNorm) with statistics over the valid positions only; 0 at the others.
+
+    Args:
+        x: (N, C, H, W); valid: (N, H, W) bool, True at an image's unpadded positions.
+    """
+    n, c, h, w = x.shape
+    groups = norm.num_groups
+    weight = valid.to(x.dtype).view(n, 1, 1, h, w)
+    grouped = x.view(n, groups, c // groups, h, w)
+    count = weight.sum((2, 3, 4), keepdim=True).clamp(min=1) * (c // groups)
+    mean = (grouped * weight).sum((2, 3, 4), keepdim=True) / count
+    var = ((grouped - mean).square() * weight).sum((2, 3, 4), keepdim=True) / count
+    normalised = ((grouped - mean) * (var + norm.eps).rsqrt() * weight).view(n, c, h, w)
+    return normalised * norm.weight.view(1, c, 1, 1) + norm.bias.view(1, c, 1, 1) * weight.view(n, 1, h, w)
+
+
 @META_ARCH_REGISTRY.register()
 class SparseDETR(nn.Module):
     """Sparse DETR (Roh et al., ICLR'22) and the detectors it generalises, switched by the transformer's flags.
@@ -63,13 +80,17 @@ class SparseDETR(nn.Module):
     def __init__(self, *, backbone: Backbone, in_features: List[str], transformer: SparseDeformableTransformer,
                  criterion: SetCriterion, pixel_mean, pixel_std, num_feature_levels: int,
                  num_detections: int = 100, report_dam_recall: bool = False,
-                 class_columns: Optional[Sequence[int]] = None, dataset_class_ids: Optional[Sequence[int]] = None):
+                 class_columns: Optional[Sequence[int]] = None, dataset_class_ids: Optional[Sequence[int]] = None,
+                 masked_input_norm: bool = False):
         """
         Args:
             class_columns: the class heads' column of each contiguous class (the dataset's category ids when
                 the heads have a column per id, as the authors' 91-column COCO models); None: column k = class k.
             dataset_class_ids: the dataset's category id of each contiguous class, when known (lets the
                 checkpointer pick the rows of a category-id checkpoint for contiguous heads).
+            masked_input_norm: the input projections' GroupNorm takes its statistics over each image's unpadded
+                positions and zeroes the padded ones (and the extra levels' convolutions see zeros there), so
+                that an image's features do not depend on the padding of its batch. Off in the authors' model.
         """
         super().__init__()
         self.backbone = backbone
@@ -103,6 +124,7 @@ class SparseDETR(nn.Module):
             class_columns = torch.tensor(columns, dtype=torch.long)
         self.register_buffer("class_columns", class_columns, False)
         self.dataset_class_ids = list(dataset_class_ids) if dataset_class_ids is not None else None
+        self.masked_input_norm = masked_input_norm
 
     @classmethod
     def from_config(cls, cfg):
@@ -130,7 +152,7 @@ class SparseDETR(nn.Module):
                 "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
                 "num_feature_levels": sd.NUM_FEATURE_LEVELS, "num_detections": sd.NUM_DETECTIONS,
                 "report_dam_recall": cfg.TEST.DAM_RECALL, "class_columns": class_columns,
-                "dataset_class_ids": dataset_class_ids}
+                "dataset_class_ids": dataset_class_ids, "masked_input_norm": sd.MASKED_INPUT_NORM}
 
     @property
     def device(self) -> torch.device:
@@ -148,18 +170,29 @@ class SparseDETR(nn.Module):
         Masks are made on the host from the image sizes: each level's mask is the image mask resized
         with nearest interpolation, and every count derived from them stays a host value.
         """
-        features = self.backbone(images.tensor)
-        maps = [proj(features[f]) for proj, f in zip(self.input_proj, self.in_features)]
-        for proj in self.input_proj[len(maps):]:
-            maps.append(proj(features[self.in_features[-1]] if len(maps) == len(self.in_features) else maps[-1]))
-
         n, _, height, width = images.tensor.shape
         sizes = torch.tensor([[int(h), int(w)] for h, w in images.image_sizes])  # (N, 2) (h, w); ints when traced
         image_mask = ((torch.arange(height)[None, :, None] >= sizes[:, 0, None, None])
                       | (torch.arange(width)[None, None, :] >= sizes[:, 1, None, None]))
+
+        def level_mask(size) -> Tensor:
+            return F.interpolate(image_mask[None].float(), size=tuple(size)).bool()[0]
+
+        def project(proj: nn.Sequential, x: Tensor) -> Tensor:
+            if not self.masked_input_norm:
+                return proj(x)
+            x = proj[0](x.masked_fill(level_mask(x.shape[-2:]).to(x.device)[:, None], 0.0))
+            return masked_group_norm(x, proj[1], ~level_mask(x.shape[-2:]).to(x.device))
+
+        features = self.backbone(images.tensor)
+        maps = [project(proj, features[f]) for proj, f in zip(self.input_proj, self.in_features)]
+        for proj in self.input_proj[len(maps):]:
+            maps.append(project(proj, features[self.in_features[-1]] if len(maps) == len(self.in_features)
+                                else maps[-1]))
+
         tokens, pos, masks, shapes, valid_sizes = [], [], [], [], []
         for level, feature in enumerate(maps):
-            mask = F.interpolate(image_mask[None].float(), size=feature.shape[-2:]).bool()[0]
+            mask = level_mask(feature.shape[-2:])
             valid_sizes.append(torch.stack([(~mask[:, 0, :]).sum(1), (~mask[:, :, 0]).sum(1)], -1))
             masks.append(mask.flatten(1))
             shapes.append(feature.shape[-2:])
