@@ -152,3 +152,28 @@ def test_eval_mode_batch_norm_folds_too():
         actual = model.backbone(image)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-5)
+
+
+def test_masked_group_norm_is_group_norm_of_the_unpadded_image():
+    from sparse_detr.meta_arch import masked_group_norm
+
+    norm = torch.nn.GroupNorm(4, 8).double()
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 8, 5, 7, dtype=torch.float64)
+    valid = torch.ones(2, 5, 7, dtype=torch.bool)
+    valid[1, 3:], valid[1, :, 5:] = False, False  # the second image is 3 x 5
+    y = masked_group_norm(x, norm, valid)
+    torch.testing.assert_close(y[0], norm(x[:1])[0])
+    torch.testing.assert_close(y[1, :, :3, :5], norm(x[1:, :, :3, :5])[0])
+    assert y[1, :, 3:].abs().max() == 0 and y[1, :, :, 5:].abs().max() == 0
+
+
+def test_masked_input_norm_zeroes_padded_tokens(make_batch):
+    cfg = build_config("demo.yaml", tiny=True, MASKED_INPUT_NORM=True)
+    model = build_model(cfg).eval()
+    images = model.preprocess_image(make_batch(dict(height=64, width=96), dict(height=96, width=64), seed=6))
+    with torch.no_grad():
+        flat = model.flatten_features(images)
+    padded = flat.padding_mask
+    assert padded.any() and flat.tokens[padded].abs().max() == 0 and flat.tokens[~padded].abs().sum() > 0
