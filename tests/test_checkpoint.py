@@ -1,7 +1,7 @@
 """The converter for every kind of input file, and SparseDETRCheckpointer's class-count check.
 
 The authors' detector layout comes from the conformance fixture (its key list, shapes and aliases, with
-weights drawn by ../shared/conformance/recipe.py); the backbone files are built here from torchvision's
+weights drawn by tests/official_weights.py); the backbone files are built here from torchvision's
 ResNet-50 and Detectron2's Swin-T under the names their official releases use.
 """
 import importlib.util
@@ -15,12 +15,12 @@ import torch
 import torchvision
 from detectron2.modeling import build_model
 
-from conftest import CONFORMANCE_DIR, REPO_ROOT, build_config
+import official_weights
+from conftest import CONFORMANCE_FIXTURE, REPO_ROOT, build_config
 from sparse_detr.checkpoint import SparseDETRCheckpointer, convert_checkpoint, convert_state_dict
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-FIXTURE = CONFORMANCE_DIR / "sparse_r50_rho0.2.pt"
 CONVERTER = REPO_ROOT / "projects" / "SparseDETR" / "convert_official_weights.py"
 UNUSED_COCO_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}  # ids 1..90 that COCO never uses
 COCO_IDS = [i for i in range(1, 91) if i not in UNUSED_COCO_IDS]  # in Detectron2's contiguous order
@@ -35,17 +35,14 @@ def load_module(name, path):
 
 @pytest.fixture(scope="module")
 def recipe():
-    if not (CONFORMANCE_DIR / "recipe.py").exists() or not FIXTURE.exists():
-        pytest.skip(f"no conformance fixture in {CONFORMANCE_DIR}")
-    fixture = torch.load(FIXTURE, map_location="cpu", weights_only=False)
-    return fixture, load_module("conformance_recipe", CONFORMANCE_DIR / "recipe.py")
+    return torch.load(CONFORMANCE_FIXTURE, map_location="cpu", weights_only=False), official_weights
 
 
 @pytest.fixture(scope="module")
 def official(recipe):
     """The fixture's official-format state dict (float32, like the released files: half the bytes to write)."""
     fixture, module = recipe
-    return {k: v.float() if v.is_floating_point() else v for k, v in module.recipe_state_dict(fixture).items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in module.official_state_dict(fixture).items()}
 
 
 @pytest.fixture(scope="module")
