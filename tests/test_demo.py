@@ -4,6 +4,7 @@ import sys
 
 import cv2
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "projects", "SparseDETR"))
@@ -57,3 +58,45 @@ def test_demo_report_reads_the_last_evaluation_with_its_dam_recall_and_plots_per
     demo_report.plot_curves(records, str(target))
     picture = cv2.imread(str(target))
     assert picture is not None and picture.shape[1] > 2 * picture.shape[0]  # two panels side by side
+
+
+def run_demo(*args):
+    return demo.main(["--config-file", CONFIG, *args, "--opts", *TINY])
+
+
+def write_image(path):
+    cv2.imwrite(str(path), (np.random.default_rng(0).random((60, 80, 3)) * 255).astype(np.uint8))
+    return str(path)
+
+
+def test_demo_writes_one_image_into_a_new_folder_given_with_a_slash(tmp_path):
+    image = write_image(tmp_path / "a.png")
+    assert run_demo("--input", image, "--output", str(tmp_path / "out") + "/") == 0
+    assert os.listdir(tmp_path / "out") == ["a.png"]
+
+
+def test_demo_says_what_it_did_not_find(tmp_path, caplog):
+    """An untrained model's detections clear no threshold of 1.0: the log says so, with the best score."""
+    image = write_image(tmp_path / "a.png")
+    logger = demo.logger
+    logger.addHandler(caplog.handler)  # demo.main's logger does not propagate to pytest's handler
+    try:
+        assert run_demo("--input", image, "--output", str(tmp_path / "out.png"), "--confidence-threshold", "1") == 0
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "no MODEL.WEIGHTS: the model is untrained" in caplog.text
+    assert "a.png: no detection reaches --confidence-threshold 1 (the highest score is 0." in caplog.text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input", "{empty}"], "the folder holds no image"),
+    (["--input", "{image}", "--confidence-threshold", "1.5"], "--confidence-threshold is a score in [0, 1], got 1.5"),
+    (["--input", "{image}", "--confidence-threshold", "-0.1"], "--confidence-threshold is a score in [0, 1], got -0.1"),
+])
+def test_demo_refuses_what_would_draw_nothing(args, message, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    image = write_image(tmp_path / "a.png")
+    args = [a.format(empty=tmp_path / "empty", image=image) for a in args]
+    assert run_demo(*args, "--output", str(tmp_path / "out/")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last

@@ -62,19 +62,18 @@ from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import sparse_detr  # noqa: F401  (first: silences known-harmless warnings of the imports below)
 import torch
 from tqdm import tqdm
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from sparse_detr import add_sparse_detr_config
+from sparse_detr.cli import CONFIG_DIR, load_config, reports_user_errors
 from sparse_detr.flops import count_flops
 from sparse_detr.inference import FastInferenceModel, has_native_bf16, inference_precision
 
 logger = logging.getLogger("sparse_detr.benchmark")
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCALING_CONFIGS = ("sparse_detr_r50_rho0.1.yaml", "sparse_detr_r50_rho0.3.yaml", "deformable_detr_r50.yaml")
 SCALING_SHORT_SIDES = (512, 640, 800, 1024, 1333)
@@ -142,10 +141,7 @@ def all_configs() -> List[Path]:
 
 def build_benchmark_model(config_file: Path, opts: Sequence[str], num_classes: Optional[int]):
     """(config, the config's model on the CPU with random weights, in eval mode)."""
-    cfg = get_cfg()
-    add_sparse_detr_config(cfg)
-    cfg.merge_from_file(str(config_file))
-    cfg.merge_from_list(list(opts))
+    cfg = load_config(str(config_file), opts)
     if num_classes is not None:
         cfg.MODEL.SPARSE_DETR.NUM_CLASSES = num_classes
     cfg.MODEL.DEVICE = "cpu"
@@ -561,13 +557,27 @@ def device_name(device: str, clock: str = "wall") -> str:
 # ---- entry point ---------------------------------------------------------------------------------------
 
 
-def main(argv: Optional[Sequence[str]] = None):
+def check_arguments(args) -> None:
+    """Sizes, counts and device choices that cannot work, as a ValueError naming the option."""
+    if min(args.image_size) < 1:
+        raise ValueError("--image-size takes a positive height and width, got {} {}".format(*args.image_size))
+    for option, values in (("--batch-sizes", args.batch_sizes), ("--repeats", [args.repeats]),
+                           ("--scaling-sizes", args.scaling_sizes), ("--scaling-repeats", [args.scaling_repeats])):
+        if min(values) < 1:
+            raise ValueError(f"{option} must be at least 1, got {min(values)}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available")
+    if args.clock == "cpu" and args.device != "cpu":
+        raise ValueError("--clock cpu times CPU runs only")
+
+
+@reports_user_errors
+def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available")
-    if args.clock == "cpu" and args.device != "cpu":
-        raise SystemExit("--clock cpu times CPU runs only")
+    check_arguments(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     configs = [resolve_config(c) for c in args.config_file]
@@ -578,7 +588,7 @@ def main(argv: Optional[Sequence[str]] = None):
         plot_scaling(rows, Path(args.plot), name)
         logger.info("wrote %s", args.plot)
         print(json.dumps({"scaling": rows}) if args.json else scaling_table(rows, name))
-        return
+        return 0
 
     if args.all:
         results = []
@@ -589,12 +599,13 @@ def main(argv: Optional[Sequence[str]] = None):
                 logger.exception("%s failed", config_file.name)
                 results.append({"config": config_file.name, "error": f"{type(e).__name__}: {e}"})
         print(json.dumps({r["config"]: r for r in results}) if args.json else render_tables(results, args))
-        return
+        return 0
 
     if len(configs) != 1:
-        raise SystemExit("give one --config-file (or --all / --scaling for several)")
+        raise ValueError("give one --config-file (or --all / --scaling for several)")
     result = benchmark_config(configs[0], args)
     print(json.dumps(result) if args.json else render_tables([result], args))
+    return 0
 
 
 def render_tables(results: List[Dict], args) -> str:
@@ -602,4 +613,4 @@ def render_tables(results: List[Dict], args) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,12 +12,16 @@ DST: a checkpoint for MODEL.WEIGHTS. Also importable: ``sparse_detr.checkpoint.c
 """
 import argparse
 import logging
+import os
 import sys
 
+import sparse_detr  # noqa: F401  (first: silences known-harmless warnings of the imports below)
 from sparse_detr.checkpoint import convert_checkpoint
+from sparse_detr.cli import reports_user_errors
 
 
-def main(argv=None):
+@reports_user_errors
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="checkpoint to convert")
     parser.add_argument("dst", help="where to write the Detectron2 checkpoint")
@@ -25,11 +29,10 @@ def main(argv=None):
                         help="reduce the authors' 91-row COCO class heads to the 80 used ids (contiguous heads)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        convert_checkpoint(args.src, args.dst, args.contiguous_classes)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if os.path.isdir(args.dst):
+        raise IsADirectoryError(f"the destination {args.dst!r} is a folder: give the file to write, "
+                                f"e.g. {os.path.join(args.dst, 'model.pth')}")
+    convert_checkpoint(args.src, args.dst, args.contiguous_classes)
     return 0
 
 

@@ -10,11 +10,12 @@ Accepted inputs of :func:`convert_checkpoint`:
 * the ImageNet Swin-T checkpoint (``{"model": {"patch_embed...", "layers...."}}``), for MODEL.WEIGHTS;
 * an SCRL checkpoint (``online_network_state_dict`` with ``encoder.{0,1,4,5,6,7}``), for MODEL.WEIGHTS.
 """
+import glob
 import logging
 import os
 import re
-import tempfile
-from typing import Dict
+import secrets
+from typing import Callable, Dict, IO
 
 import torch
 from torch import Tensor
@@ -22,7 +23,8 @@ from torch import Tensor
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-__all__ = ["convert_checkpoint", "convert_state_dict", "save_checkpoint_atomically", "SparseDETRCheckpointer"]
+__all__ = ["convert_checkpoint", "convert_state_dict", "remove_stale_temporaries", "save_checkpoint_atomically",
+           "SparseDETRCheckpointer"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ SCRL_ENCODER_TO_TORCHVISION = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "la
 EXPECTED_INPUTS = ("an authors' Deformable/Efficient/Sparse DETR checkpoint ({'model': ...} with 'transformer.*' keys), "
                    "a torchvision ResNet-50 state dict ('conv1.weight', 'layer1.*'), the ImageNet Swin-T checkpoint "
                    "('patch_embed.*', 'layers.*'), or an SCRL checkpoint ('online_network_state_dict')")
+TEMPORARY_PREFIX = ".tmp-"  # of the files written before their rename into place
 
 
 def torchvision_resnet_to_detectron2(name: str) -> str:
@@ -80,6 +83,12 @@ def _convert_detector(sd: Dict[str, Tensor], contiguous_classes: bool) -> Dict[s
     return out
 
 
+def _is_project_layout(sd: Dict) -> bool:
+    """A detector in this project's names: 'transformer.*' without the authors' 'backbone.0.*' and 'class_embed.*'."""
+    return any(k.startswith("transformer.") for k in sd) and not any(
+        k.startswith(("backbone.0.", "class_embed.")) for k in sd)
+
+
 def convert_state_dict(checkpoint: Dict, contiguous_classes: bool = False) -> Dict[str, Tensor]:
     """Any accepted input (see the module docstring) -> a state dict in this project's names.
 
@@ -99,7 +108,14 @@ def convert_state_dict(checkpoint: Dict, contiguous_classes: bool = False) -> Di
         return {_backbone_key(k, False): v for k, v in renamed.items()}
     sd = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
     sd = {k: v for k, v in sd.items() if not k.endswith(("total_ops", "total_params"))}
+    if _is_project_layout(sd):
+        raise ValueError("this checkpoint is already in this project's layout ('transformer.class_embed.*', "
+                         "backbone in Detectron2's names): it needs no conversion, use it as MODEL.WEIGHTS directly")
     if any(k.startswith("transformer.") for k in sd):
+        stray = [k for k in sd if k.startswith("backbone.") and not k.startswith("backbone.0.body.")]
+        if stray:  # the authors' backbone is all under backbone.0.body: these would be dropped
+            raise ValueError(f"{len(stray)} backbone tensors are outside the authors' 'backbone.0.body.*' (first: "
+                             f"{stray[0]!r}); converting would lose them. Expected {EXPECTED_INPUTS}")
         return _convert_detector(sd, contiguous_classes)
     if "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
         return {_backbone_key(k, False): v for k, v in sd.items()
@@ -110,18 +126,34 @@ def convert_state_dict(checkpoint: Dict, contiguous_classes: bool = False) -> Di
     raise ValueError(f"unrecognised checkpoint (first keys: {list(sd)[:5]}); expected {EXPECTED_INPUTS}")
 
 
-def save_checkpoint_atomically(obj, path: str) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+def write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """``write(file)`` into a temporary file of the same folder, then rename: a crash never leaves a half-written
+    ``path``. The file is created like any other (mode 0666 less the umask), not 0600 like mkstemp's."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+    tmp = os.path.join(folder, f"{TEMPORARY_PREFIX}{secrets.token_hex(6)}-{os.path.basename(path)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def save_checkpoint_atomically(obj, path: str) -> None:
+    """torch.save through :func:`write_atomically`."""
+    write_atomically(path, lambda f: torch.save(obj, f))
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Delete the temporary files that a process killed while writing left in ``folder``."""
+    stale = glob.glob(os.path.join(glob.escape(folder), TEMPORARY_PREFIX + "*"))
+    for path in stale:
+        os.remove(path)
+    if stale:
+        logger.warning("removed %d unfinished checkpoint file(s) of an interrupted save from %s", len(stale), folder)
 
 
 def convert_checkpoint(src: str, dst: str, contiguous_classes: bool = False) -> Dict[str, Tensor]:
@@ -134,8 +166,20 @@ def convert_checkpoint(src: str, dst: str, contiguous_classes: bool = False) -> 
         raise ValueError(f"{src} is not a PyTorch checkpoint ({type(e).__name__}: {e}); expected {EXPECTED_INPUTS}")
     sd = convert_state_dict(checkpoint, contiguous_classes)
     save_checkpoint_atomically({"model": sd, "__author__": "sparse_detr.convert_checkpoint"}, dst)
-    logger.info("converted %s -> %s (%d tensors)", src, dst, len(sd))
+    logger.info("converted %s -> %s: %d tensors of the file's %d (the others are batch-norm counters, aliases of "
+                "shared heads, or parts of the file that are not the detector's)", src, dst, len(sd),
+                _count_tensors(checkpoint))
     return sd
+
+
+def _count_tensors(obj) -> int:
+    if isinstance(obj, Tensor):
+        return 1
+    if isinstance(obj, dict):
+        return sum(_count_tensors(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_count_tensors(v) for v in obj)
+    return 0
 
 
 class SparseDETRCheckpointer(DetectionCheckpointer):
@@ -151,6 +195,16 @@ class SparseDETRCheckpointer(DetectionCheckpointer):
     def __init__(self, model, save_dir: str = "", *, reinit_class_heads: bool = False, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
         self.reinit_class_heads = reinit_class_heads
+
+    def _torch_load(self, f):
+        try:
+            loaded = super()._torch_load(f)
+        except Exception as e:  # pickle, zip and EOF errors: a text file, a truncated download
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{f} is not a readable PyTorch checkpoint ({type(e).__name__}: {reason})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{f} holds a {type(loaded).__name__}, not a checkpoint (a dict of tensors)")
+        return loaded
 
     def _load_file(self, filename):
         loaded = super()._load_file(filename)
@@ -213,5 +267,11 @@ class SparseDETRCheckpointer(DetectionCheckpointer):
         data.update(kwargs)
         path = os.path.join(self.save_dir, f"{name}.pth")
         self.logger.info("Saving checkpoint to %s", path)
+        remove_stale_temporaries(self.save_dir)
         save_checkpoint_atomically(data, path)
         self.tag_last_checkpoint(os.path.basename(path))
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """Like Checkpointer.tag_last_checkpoint, but written atomically: a kill never leaves it empty."""
+        write_atomically(os.path.join(self.save_dir, "last_checkpoint"),
+                         lambda f: f.write(last_filename_basename.encode()))

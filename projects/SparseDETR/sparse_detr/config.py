@@ -122,5 +122,9 @@ def add_sparse_detr_config(cfg):
     cfg.SOLVER.LR_DROP_EPOCHS = [40]
     # Mixed precision (SOLVER.AMP.ENABLED): "float16" (with a gradient scaler) or "bfloat16".
     cfg.SOLVER.AMP.PRECISION = "float16"
+    # Datasets in COCO json to register under a name, so that DATASETS.TRAIN / DATASETS.TEST can use them
+    # without Python: a list of [name, json file, image folder] triples (paths relative to the current
+    # directory), e.g. [["my_train", "my/train.json", "my/images"], ["my_val", "my/val.json", "my/images"]].
+    cfg.DATASETS.COCO_JSON = []
     # The crop branch of the DETR augmentation first resizes the shorter side to one of these.
     cfg.INPUT.CROP_PRE_RESIZE = [400, 500, 600]
