@@ -169,11 +169,27 @@ def test_masked_group_norm_is_group_norm_of_the_unpadded_image():
     assert y[1, :, 3:].abs().max() == 0 and y[1, :, :, 5:].abs().max() == 0
 
 
-def test_masked_input_norm_zeroes_padded_tokens(make_batch):
-    cfg = build_config("demo.yaml", tiny=True, MASKED_INPUT_NORM=True)
+def test_padding_invariant_features_zero_the_padded_tokens(make_batch):
+    cfg = build_config("demo.yaml", tiny=True, PADDING_INVARIANT=True)
     model = build_model(cfg).eval()
     images = model.preprocess_image(make_batch(dict(height=64, width=96), dict(height=96, width=64), seed=6))
     with torch.no_grad():
         flat = model.flatten_features(images)
     padded = flat.padding_mask
     assert padded.any() and flat.tokens[padded].abs().max() == 0 and flat.tokens[~padded].abs().sum() > 0
+
+
+@pytest.mark.parametrize("config_name", ["demo.yaml", "deformable_detr_r50_bbr_two_stage.yaml"])
+def test_padding_invariant_detections_do_not_depend_on_the_batch(config_name, make_batch):
+    """With PADDING_INVARIANT an image gives the same detections alone and beside a larger image (any order)."""
+    torch.manual_seed(0)
+    model = build_model(build_config(config_name, tiny=config_name != "demo.yaml", PADDING_INVARIANT=True))
+    model = model.double().eval()
+    small, large = make_batch(dict(height=165, width=213), dict(height=225, width=298), seed=7)
+    with torch.no_grad():
+        alone = model([small])[0]["instances"]
+        first, second = model([small, large])[0]["instances"], model([large, small])[1]["instances"]
+    for batched in (first, second):
+        torch.testing.assert_close(batched.scores, alone.scores, rtol=0, atol=1e-6)
+        assert torch.equal(batched.pred_classes, alone.pred_classes)
+        torch.testing.assert_close(batched.pred_boxes.tensor, alone.pred_boxes.tensor, rtol=0, atol=1e-3)

@@ -20,11 +20,13 @@ def add_sparse_detr_config(cfg):
     #   columns of the dataset's classes, reported as contiguous ids. When the metadata has no id mapping or
     #   maps another number of classes than NUM_CLASSES, the layout falls back to "contiguous" (with a warning).
     sd.CLASS_COLUMNS = "contiguous"
-    # The input projections' GroupNorm takes its statistics over each image's unpadded pixels only (and the
-    # extra levels' convolutions see zeros beyond the image), so that detections do not depend on the
-    # padding, hence the batch, an image is evaluated in. The authors' model (False) normalises over the
-    # padded map; the demo model, trained from scratch, uses True.
-    sd.MASKED_INPUT_NORM = False
+    # An image's detections independent of the batch it is in (of the padding to the batch's largest image):
+    # the backbone runs on each image at its own size (its maps padded with zeros afterwards), the input
+    # projections' GroupNorm and the scoring network's global context take only the image's unpadded
+    # positions, and padded tokens never become two-stage queries. The authors' model (False) computes
+    # all of these over the padded batch, so its outputs change slightly with the batch; the demo model,
+    # whose backbone is trained from scratch with GroupNorm, uses True. It gives up batching in the backbone.
+    sd.PADDING_INVARIANT = False
     # Fine-tuning on another dataset: class heads whose size differs from the checkpoint's (MODEL.WEIGHTS)
     # keep their fresh initialisation instead of being an error; everything else is loaded.
     sd.REINIT_CLASS_HEADS = False

@@ -81,16 +81,17 @@ class SparseDETR(nn.Module):
                  criterion: SetCriterion, pixel_mean, pixel_std, num_feature_levels: int,
                  num_detections: int = 100, report_dam_recall: bool = False,
                  class_columns: Optional[Sequence[int]] = None, dataset_class_ids: Optional[Sequence[int]] = None,
-                 masked_input_norm: bool = False):
+                 padding_invariant: bool = False):
         """
         Args:
             class_columns: the class heads' column of each contiguous class (the dataset's category ids when
                 the heads have a column per id, as the authors' 91-column COCO models); None: column k = class k.
             dataset_class_ids: the dataset's category id of each contiguous class, when known (lets the
                 checkpointer pick the rows of a category-id checkpoint for contiguous heads).
-            masked_input_norm: the input projections' GroupNorm takes its statistics over each image's unpadded
-                positions and zeroes the padded ones (and the extra levels' convolutions see zeros there), so
-                that an image's features do not depend on the padding of its batch. Off in the authors' model.
+            padding_invariant: the backbone runs on each image at its own size, and the input projections'
+                GroupNorm takes its statistics over each image's unpadded positions and zeroes the others (which
+                the extra levels' convolutions then see); with the transformer's ``padding_invariant``, an
+                image's detections do not depend on the padding of its batch. Off in the authors' model.
         """
         super().__init__()
         self.backbone = backbone
@@ -124,7 +125,7 @@ class SparseDETR(nn.Module):
             class_columns = torch.tensor(columns, dtype=torch.long)
         self.register_buffer("class_columns", class_columns, False)
         self.dataset_class_ids = list(dataset_class_ids) if dataset_class_ids is not None else None
-        self.masked_input_norm = masked_input_norm
+        self.padding_invariant = padding_invariant
 
     @classmethod
     def from_config(cls, cfg):
@@ -142,7 +143,7 @@ class SparseDETR(nn.Module):
             num_feature_levels=sd.NUM_FEATURE_LEVELS, enc_n_points=sd.ENC_N_POINTS, dec_n_points=sd.DEC_N_POINTS,
             num_queries=sd.NUM_QUERIES, two_stage=sd.TWO_STAGE, with_box_refine=sd.WITH_BOX_REFINE,
             eff_query_init=sd.EFF_QUERY_INIT, eff_specific_head=sd.EFF_SPECIFIC_HEAD, rho=sd.RHO,
-            use_enc_aux_loss=sd.USE_ENC_AUX_LOSS)
+            use_enc_aux_loss=sd.USE_ENC_AUX_LOSS, padding_invariant=sd.PADDING_INVARIANT)
         matcher = HungarianMatcher(sd.SET_COST_CLASS, sd.SET_COST_BBOX, sd.SET_COST_GIOU, sd.FOCAL_ALPHA, sd.FOCAL_GAMMA)
         criterion = SetCriterion(
             matcher, weight_ce=sd.CLS_LOSS_COEF, weight_bbox=sd.BBOX_LOSS_COEF, weight_giou=sd.GIOU_LOSS_COEF,
@@ -152,7 +153,7 @@ class SparseDETR(nn.Module):
                 "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
                 "num_feature_levels": sd.NUM_FEATURE_LEVELS, "num_detections": sd.NUM_DETECTIONS,
                 "report_dam_recall": cfg.TEST.DAM_RECALL, "class_columns": class_columns,
-                "dataset_class_ids": dataset_class_ids, "masked_input_norm": sd.MASKED_INPUT_NORM}
+                "dataset_class_ids": dataset_class_ids, "padding_invariant": sd.PADDING_INVARIANT}
 
     @property
     def device(self) -> torch.device:
@@ -164,35 +165,54 @@ class SparseDETR(nn.Module):
         images = [((x["image"].to(self.device) - self.pixel_mean) / self.pixel_std) for x in batched_inputs]
         return ImageList.from_tensors(images)
 
-    def flatten_features(self, images: ImageList) -> FlatFeatures:
-        """Backbone, input projections and extra levels, masks, position and level embeddings, flattened.
+    def project_levels(self, images: ImageList) -> Tuple[List[Tensor], List[Tensor]]:
+        """Every level's projected map (N, C, H_l, W_l) and padding mask (N, H_l, W_l), True on padding.
 
-        Masks are made on the host from the image sizes: each level's mask is the image mask resized
-        with nearest interpolation, and every count derived from them stays a host value.
+        The masks are host tensors: each level's is the image mask resized with nearest interpolation, or,
+        with ``padding_invariant``, the extent of each image's own maps.
         """
-        n, _, height, width = images.tensor.shape
+        if self.padding_invariant:
+            return self._padding_free_levels(images)
+        features = self.backbone(images.tensor)
+        maps = [proj(features[f]) for proj, f in zip(self.input_proj, self.in_features)]
+        for proj in self.input_proj[len(maps):]:
+            maps.append(proj(features[self.in_features[-1]] if len(maps) == len(self.in_features) else maps[-1]))
+        _, _, height, width = images.tensor.shape
         sizes = torch.tensor([[int(h), int(w)] for h, w in images.image_sizes])  # (N, 2) (h, w); ints when traced
         image_mask = ((torch.arange(height)[None, :, None] >= sizes[:, 0, None, None])
                       | (torch.arange(width)[None, None, :] >= sizes[:, 1, None, None]))
+        return maps, [F.interpolate(image_mask[None].float(), size=m.shape[-2:]).bool()[0] for m in maps]
 
-        def level_mask(size) -> Tensor:
-            return F.interpolate(image_mask[None].float(), size=tuple(size)).bool()[0]
+    def _padding_free_levels(self, images: ImageList) -> Tuple[List[Tensor], List[Tensor]]:
+        """The backbone on each image at its own size, GroupNorm over each image's own map extent."""
+        alone = [self.backbone(images.tensor[i:i + 1, :, :h, :w]) for i, (h, w) in enumerate(images.image_sizes)]
+        maps, masks = [], []
+        for level, proj in enumerate(self.input_proj):
+            conv = proj[0]
+            if level < len(self.in_features):
+                name = self.in_features[level]
+                x = ImageList.from_tensors([a[name][0] for a in alone]).tensor  # padded with zeros
+                extents = [tuple(a[name].shape[-2:]) for a in alone]
+            else:  # an extra level: a convolution of the last map, the backbone's raw one for the first
+                x = x if level == len(self.in_features) else maps[-1]
+                extents = [tuple((e + 2 * conv.padding[d] - conv.dilation[d] * (conv.kernel_size[d] - 1) - 1)
+                                 // conv.stride[d] + 1 for d, e in enumerate(extent)) for extent in extents]
+            x_projected = conv(x)
+            rows, columns = torch.tensor(extents).unbind(1)
+            mask = ((torch.arange(x_projected.shape[-2])[None, :, None] >= rows[:, None, None])
+                    | (torch.arange(x_projected.shape[-1])[None, None, :] >= columns[:, None, None]))
+            maps.append(masked_group_norm(x_projected, proj[1], ~mask.to(x.device)))
+            masks.append(mask)
+        return maps, masks
 
-        def project(proj: nn.Sequential, x: Tensor) -> Tensor:
-            if not self.masked_input_norm:
-                return proj(x)
-            x = proj[0](x.masked_fill(level_mask(x.shape[-2:]).to(x.device)[:, None], 0.0))
-            return masked_group_norm(x, proj[1], ~level_mask(x.shape[-2:]).to(x.device))
+    def flatten_features(self, images: ImageList) -> FlatFeatures:
+        """Backbone, input projections and extra levels, masks, position and level embeddings, flattened.
 
-        features = self.backbone(images.tensor)
-        maps = [project(proj, features[f]) for proj, f in zip(self.input_proj, self.in_features)]
-        for proj in self.input_proj[len(maps):]:
-            maps.append(project(proj, features[self.in_features[-1]] if len(maps) == len(self.in_features)
-                                else maps[-1]))
-
+        Masks are made on the host (:meth:`project_levels`), and every count derived from them stays a host value.
+        """
+        maps, level_masks = self.project_levels(images)
         tokens, pos, masks, shapes, valid_sizes = [], [], [], [], []
-        for level, feature in enumerate(maps):
-            mask = level_mask(feature.shape[-2:])
+        for level, (feature, mask) in enumerate(zip(maps, level_masks)):
             valid_sizes.append(torch.stack([(~mask[:, 0, :]).sum(1), (~mask[:, :, 0]).sum(1)], -1))
             masks.append(mask.flatten(1))
             shapes.append(feature.shape[-2:])

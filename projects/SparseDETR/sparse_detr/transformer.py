@@ -67,11 +67,16 @@ class TokenScorer(nn.Module):
         self.layer2 = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
                                     nn.Linear(dim // 4, 1))
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """(N, S, C) -> (N, S) logits."""
+    def forward(self, tokens: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """(N, S, C) -> (N, S) logits; the global context averages all tokens, or the ``valid`` ones (N, S)."""
         z = self.layer1(tokens)
         local, global_ = z.split(z.shape[-1] // 2, dim=-1)
-        global_ = global_.mean(dim=1, keepdim=True).expand_as(local)
+        if valid is None:
+            global_ = global_.mean(dim=1, keepdim=True)
+        else:
+            weights = valid.to(global_.dtype)[..., None]
+            global_ = (global_ * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
+        global_ = global_.expand_as(local)
         return self.layer2(torch.cat([local, global_], dim=-1)).squeeze(-1)
 
 
@@ -179,7 +184,12 @@ class SparseDeformableTransformer(nn.Module):
                  num_feature_levels: int = 4, enc_n_points: int = 4, dec_n_points: int = 4,
                  num_queries: int = 300, two_stage: bool = False, with_box_refine: bool = False,
                  eff_query_init: bool = False, eff_specific_head: bool = False, rho: float = 0.0,
-                 use_enc_aux_loss: bool = False):
+                 use_enc_aux_loss: bool = False, padding_invariant: bool = False):
+        """
+        Args:
+            padding_invariant: the scoring network's global context averages each image's unpadded tokens
+                only, and padded tokens never become two-stage queries (the authors' model: neither).
+        """
         super().__init__()
         if eff_query_init and not two_stage:
             raise ValueError("EFF_QUERY_INIT takes its queries from the two-stage proposals: it needs TWO_STAGE")
@@ -191,6 +201,7 @@ class SparseDeformableTransformer(nn.Module):
         self.two_stage, self.with_box_refine = two_stage, with_box_refine
         self.eff_query_init, self.eff_specific_head = eff_query_init, eff_specific_head
         self.rho, self.use_enc_aux_loss = rho, use_enc_aux_loss
+        self.padding_invariant = padding_invariant
         self.num_decoder_layers, self.num_encoder_layers = num_decoder_layers, num_encoder_layers
 
         layer_args = (d_model, dim_feedforward, dropout, num_feature_levels, nhead)
@@ -294,7 +305,8 @@ class SparseDeformableTransformer(nn.Module):
 
     def _select_tokens(self, flat: FlatFeatures, proposal_valid: Tensor, out: TransformerOutput):
         """Score every token, keep the top n_i = floor(rho * valid_i) + 1 per image (k = max n_i for all)."""
-        scores = self.enc_mask_predictor(self._project_memory(flat.tokens + flat.pos, proposal_valid))
+        scores = self.enc_mask_predictor(self._project_memory(flat.tokens + flat.pos, proposal_valid),
+                                         ~flat.padding_mask if self.padding_invariant else None)
         scores = scores.masked_fill(flat.padding_mask, scores.min())
         valid_counts = torch.tensor(flat.valid_token_counts, dtype=torch.float32)
         sparse_token_nums = (valid_counts * self.rho).floor().long() + 1
@@ -348,6 +360,8 @@ class SparseDeformableTransformer(nn.Module):
         projected = self._project_memory(memory, proposal_valid)
         out.enc_logits = class_head(projected)
         objectness = out.enc_logits.max(-1).values if self.eff_specific_head else out.enc_logits[..., 0]
+        if self.padding_invariant:
+            objectness = objectness.masked_fill(flat.padding_mask, float("-inf"))
         topk = objectness.topk(self.num_queries, dim=1).indices
         out.query_tokens = topk
         if detections_only:  # the box head on the queries' tokens alone
