@@ -146,7 +146,9 @@ class SparseDETR(nn.Module):
         """Backbone, input projections and extra levels, masks, position and level embeddings, flattened.
 
         Masks are made on the host from the image sizes: each level's mask is the image mask resized
-        with nearest interpolation, and every count derived from them stays a host value.
+        with nearest interpolation, and every count derived from them stays a host value. When no image
+        is padded, the token counts follow from the level shapes alone (no mask is read), so a model
+        traced or exported for one input size has them as constants.
         """
         features = self.backbone(images.tensor)
         maps = [proj(features[f]) for proj, f in zip(self.input_proj, self.in_features)]
@@ -171,12 +173,15 @@ class SparseDETR(nn.Module):
         padding_mask = torch.cat(masks, 1)
         valid_sizes = torch.stack(valid_sizes, 1)  # (N, L, 2) (w, h)
         valid_ratios = valid_sizes.float() / spatial_shapes.flip(-1).float()
+        level_shapes = [(int(h), int(w)) for h, w in shapes]
+        unpadded = all((int(h), int(w)) == (height, width) for h, w in images.image_sizes)
+        valid_token_counts = [padding_mask.shape[1]] * n if unpadded else (~padding_mask).sum(1).tolist()
         to_device = dict(device=self.device, non_blocking=True)
         return FlatFeatures(
             tokens=torch.cat(tokens, 1), pos=torch.cat(pos, 1), padding_mask=padding_mask.to(**to_device),
-            spatial_shapes=spatial_shapes.to(**to_device), level_start_index=level_start_index.to(**to_device),
-            valid_ratios=valid_ratios.to(**to_device), valid_sizes=valid_sizes.to(**to_device),
-            valid_token_counts=(~padding_mask).sum(1).tolist())
+            spatial_shapes=spatial_shapes.to(**to_device), level_shapes=level_shapes,
+            level_start_index=level_start_index.to(**to_device), valid_ratios=valid_ratios.to(**to_device),
+            valid_sizes=valid_sizes.to(**to_device), valid_token_counts=valid_token_counts)
 
     def predict(self, batched_inputs: List[Dict]) -> TransformerOutput:
         """Raw predictions of every output set (see :class:`TransformerOutput`), for analysis tools.
@@ -244,15 +249,26 @@ class SparseDETR(nn.Module):
         Args:
             logits: (N, Q, K) logits of the dataset's classes (:meth:`class_logits`); boxes: (N, Q, 4) cxcywh.
         """
-        num_classes = logits.shape[-1]
-        scores, index = logits.sigmoid().flatten(1).topk(min(self.num_detections, logits[0].numel()), dim=1)
-        query = torch.div(index, num_classes, rounding_mode="floor")
-        boxes = box_convert(boxes, "cxcywh", "xyxy").gather(1, query[..., None].expand(-1, -1, 4))
+        scores, classes, boxes = self.top_detections(logits, boxes)
         results = []
         for i, (h, w) in enumerate(image_sizes):
             r = Instances((h, w))
             r.pred_boxes = Boxes(boxes[i] * boxes.new_tensor([w, h, w, h]))
             r.scores = scores[i]
-            r.pred_classes = index[i] % num_classes
+            r.pred_classes = classes[i]
             results.append(r)
         return results
+
+    def top_detections(self, logits: Tensor, boxes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """The top D = min(NUM_DETECTIONS, Q x K) (query, class) pairs of each image by sigmoid score, batched.
+
+        Args:
+            logits: (N, Q, K) logits of the dataset's classes (:meth:`class_logits`); boxes: (N, Q, 4) cxcywh.
+        Returns:
+            scores (N, D), classes (N, D) int64 contiguous ids, boxes (N, D, 4) xyxy normalised to the image.
+        """
+        num_classes = logits.shape[-1]
+        scores, index = logits.sigmoid().flatten(1).topk(min(self.num_detections, logits[0].numel()), dim=1)
+        query = torch.div(index, num_classes, rounding_mode="floor")
+        boxes = box_convert(boxes, "cxcywh", "xyxy").gather(1, query[..., None].expand(-1, -1, 4))
+        return scores, index % num_classes, boxes
