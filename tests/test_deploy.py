@@ -211,6 +211,8 @@ def test_export_errors(tmp_path, capsys):
     message = export_error(base + size + ["MODEL.WEIGHTS", str(tmp_path / "five_classes.pth"),
                                           "MODEL.SPARSE_DETR.NUM_CLASSES", "7"], capsys)
     assert "class heads have 5 rows" in message
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    assert "is not a checkpoint" in export_error(base + size + ["MODEL.WEIGHTS", str(tmp_path / "notes.pth")], capsys)
     assert not (tmp_path / "m.onnx").exists()
 
 

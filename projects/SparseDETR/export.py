@@ -129,6 +129,15 @@ def setup_cfg(config_file: Path, opts: Sequence[str]):
 class CompleteCheckpointer(SparseDETRCheckpointer):
     """Loads every tensor of the model or raises: an exported model must not keep freshly initialised layers."""
 
+    def _load_file(self, filename):
+        try:
+            return super()._load_file(filename)
+        except ValueError:
+            raise
+        except Exception as e:  # pickle, zip and EOF errors: whatever it is, it is not a checkpoint
+            message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ValueError(f"MODEL.WEIGHTS {filename!r} is not a checkpoint ({type(e).__name__}: {message})") from None
+
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)
         problems = []
@@ -143,20 +152,23 @@ class CompleteCheckpointer(SparseDETRCheckpointer):
             problems.append(f"{len(incompatible.unexpected_keys)} of the file's tensors are not in the model "
                             f"({', '.join(incompatible.unexpected_keys[:3])}, ...)")
         if problems:
-            raise ValueError("the weights do not fit the config: " + "; ".join(problems))
+            raise ValueError("the weights do not fit the config: " + "; ".join(problems) + " (MODEL.WEIGHTS must be "
+                             "a detector checkpoint of this config: train_net.py's or a converted authors' one)")
         return incompatible
 
 
 def build_exported_model(cfg):
-    """The config's model in eval mode on the CPU, with every tensor loaded from MODEL.WEIGHTS (or random)."""
+    """The config's model in eval mode on the CPU, every tensor loaded from MODEL.WEIGHTS (or random, seeded)."""
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
         raise FileNotFoundError(f"MODEL.WEIGHTS file {weights!r} does not exist")
-    model = build_model(cfg).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # random weights are the same in every run
+        model = build_model(cfg).eval()
     if weights:
         CompleteCheckpointer(model).load(weights)
     else:
-        logger.warning("MODEL.WEIGHTS is empty: exporting random weights (good for timing only)")
+        logger.warning("MODEL.WEIGHTS is empty: exporting random weights (seed 0; good for timing only)")
     return model
 
 
