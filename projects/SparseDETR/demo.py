@@ -6,16 +6,21 @@
     ... --input some/folder --show-kept-tokens      # also draw the tokens the sparse encoder updated
     ... --video-input clip.mp4 --output out.mp4
     ... --webcam
+    # a model exported by export.py, run with ONNX Runtime (no config: the file has what the demo needs)
+    python projects/SparseDETR/demo.py --onnx sparse_detr_r50_rho0.1_800x1216.onnx --input photos/ --output out/
 
 The model always returns its top 100 detections; the demo keeps those above --confidence-threshold.
+An ONNX model has a fixed input size: each image is resized to fit it (aspect kept) and padded with the
+pixel mean at the bottom and right, and the boxes are mapped back to the image (see OnnxPredictor).
 """
 import argparse
 import glob
+import json
 import logging
 import os
 import sys
 import time
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import sparse_detr  # noqa: F401  (first: silences known-harmless warnings of the imports below)
 import cv2
@@ -25,14 +30,16 @@ import tqdm
 
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
+from detectron2.data.catalog import Metadata
 from detectron2.modeling import build_model
-from detectron2.structures import Instances
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from sparse_detr.checkpoint import SparseDETRCheckpointer
-from sparse_detr.inference import build_inference_model
 from sparse_detr.cli import check_weights_file, load_config, reports_user_errors
+from sparse_detr.deploy import INPUT_NAME, OUTPUT_NAMES
+from sparse_detr.inference import build_inference_model
 from sparse_detr.transformer import TransformerOutput
 from sparse_detr.visualization import draw_kept_tokens, kept_token_masks
 
@@ -50,7 +57,7 @@ def setup_cfg(args):
 class Prediction(NamedTuple):
     instances: Instances  # the detections above the threshold, on the CPU
     best_score: float  # the highest score of all the model's detections (-inf when it returned none)
-    output: TransformerOutput  # the model's raw output
+    output: Optional[TransformerOutput]  # the model's raw output (None from an exported model)
     resized: np.ndarray  # the RGB input the model saw, resized like the test loader does
 
 
@@ -88,7 +95,76 @@ class Predictor:
         return Prediction(instances[instances.scores >= self.threshold], best, out, resized)
 
 
-def render(predictor: Predictor, image_bgr: np.ndarray, show_kept_tokens: bool, name: str = "the image") -> np.ndarray:
+class OnnxPredictor:
+    """An exported model (``export.py --format onnx``) in ONNX Runtime, on images of any size.
+
+    The graph takes one fixed H x W. Each image is resized by the largest factor that fits it in H x W, keeping
+    its aspect (bilinear, as the test loader resizes), and padded at the bottom and right with the pixel mean,
+    which the graph's normalisation turns into 0, the value Detectron2 pads with; unlike Detectron2's padding,
+    these pixels are not masked (the graph has no padding mask), so detections near a large pad can differ a
+    little from the PyTorch model's. Boxes are scaled back to the image and clipped, as detector_postprocess does.
+    """
+
+    def __init__(self, onnx_path: str, confidence_threshold: float):
+        import onnxruntime
+
+        if not os.path.isfile(onnx_path):
+            raise FileNotFoundError(f"--onnx {onnx_path!r}: no such file")
+        try:
+            self.session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ONNX Runtime raises its own exception types for unreadable or invalid files
+            raise ValueError(f"--onnx {onnx_path!r}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+        self.height, self.width = self._check_signature(onnx_path)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "sparse_detr.pixel_mean" not in meta:
+            logger.warning("%s has no sparse_detr.pixel_mean metadata: padding with the ImageNet mean", onnx_path)
+        self.pixel_mean = np.array(json.loads(meta.get("sparse_detr.pixel_mean", "[123.675, 116.28, 103.53]")),
+                                   dtype=np.float32)
+        self.metadata = Metadata(name=os.path.basename(onnx_path))
+        names = json.loads(meta.get("sparse_detr.thing_classes", "null"))
+        if names:
+            self.metadata.set(thing_classes=names)
+        self.threshold = confidence_threshold
+
+    def _check_signature(self, onnx_path: str):
+        """(H, W) of the model's input; a ValueError when the file is not a fixed-size export.py model."""
+        inputs = self.session.get_inputs()
+        outputs = {o.name for o in self.session.get_outputs()}
+        if len(inputs) != 1 or inputs[0].name != INPUT_NAME or not outputs >= set(OUTPUT_NAMES):
+            raise ValueError(f"--onnx {onnx_path!r} takes {[i.name for i in inputs]} and returns {sorted(outputs)}: "
+                             f"not a model of export.py ({INPUT_NAME!r} -> {', '.join(OUTPUT_NAMES)})")
+        shape = inputs[0].shape
+        if len(shape) != 4 or not all(isinstance(d, int) for d in shape) or shape[1] != 3:
+            raise ValueError(f"--onnx {onnx_path!r}: input {INPUT_NAME!r} has the shape {shape}, expected a fixed "
+                             "(B, 3, H, W)")
+        if shape[0] != 1:
+            raise ValueError(f"--onnx {onnx_path!r} takes a batch of {shape[0]} images; the demo runs one image at "
+                             "a time: export it with --batch 1")
+        return shape[2], shape[3]
+
+    def __call__(self, image_bgr: np.ndarray, name: str = "the image") -> Prediction:
+        rgb = image_bgr[:, :, ::-1]
+        h, w = rgb.shape[:2]
+        scale = min(self.height / h, self.width / w)
+        new_h, new_w = min(self.height, max(1, round(h * scale))), min(self.width, max(1, round(w * scale)))
+        resized = T.ResizeTransform(h, w, new_h, new_w).apply_image(np.ascontiguousarray(rgb))
+        canvas = np.empty((self.height, self.width, 3), dtype=np.float32)
+        canvas[:] = self.pixel_mean
+        canvas[:new_h, :new_w] = resized
+        scores, labels, boxes = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: canvas.transpose(2, 0, 1)[None]})
+        instances = Instances((h, w))
+        instances.pred_boxes = Boxes(torch.from_numpy(boxes[0]))
+        instances.pred_boxes.scale(w / new_w, h / new_h)
+        instances.pred_boxes.clip((h, w))
+        instances.scores = torch.from_numpy(scores[0])
+        instances.pred_classes = torch.from_numpy(labels[0])
+        instances = instances[instances.pred_boxes.nonempty()]
+        best = float(instances.scores.max()) if len(instances) else float("-inf")
+        return Prediction(instances[instances.scores >= self.threshold], best, None, resized)
+
+
+def render(predictor: "Predictor | OnnxPredictor", image_bgr: np.ndarray, show_kept_tokens: bool,
+           name: str = "the image") -> np.ndarray:
     """Visualizer drawing (RGB), with the kept-token panels below it when asked."""
     prediction = predictor(image_bgr, name)
     if not len(prediction.instances):
@@ -183,7 +259,10 @@ def run_video(predictor, args):
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--config-file", metavar="FILE")
+    model.add_argument("--onnx", metavar="FILE", help="a model exported by export.py --format onnx, run with ONNX "
+                                                      "Runtime (images resized and padded to its input size)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="images, glob patterns or folders")
     source.add_argument("--video-input", help="a video file")
@@ -203,8 +282,15 @@ def main(argv=None) -> int:
     setup_logger(name="sparse_detr")
     if not 0.0 <= args.confidence_threshold <= 1.0:
         raise ValueError(f"--confidence-threshold is a score in [0, 1], got {args.confidence_threshold}")
-    cfg = setup_cfg(args)
-    predictor = Predictor(cfg, args.confidence_threshold)
+    if args.onnx:
+        if args.show_kept_tokens:
+            raise ValueError("--show-kept-tokens needs the PyTorch model (--config-file): an exported graph "
+                             "returns detections only")
+        if args.opts:
+            raise ValueError("--opts overrides a config: an --onnx model has none")
+        predictor = OnnxPredictor(args.onnx, args.confidence_threshold)
+    else:
+        predictor = Predictor(setup_cfg(args), args.confidence_threshold)
     if args.input:
         run_images(predictor, args)
     else:

@@ -171,13 +171,13 @@ class SparseDETR(nn.Module):
         The masks are host tensors: each level's is the image mask resized with nearest interpolation, or,
         with ``padding_invariant``, the extent of each image's own maps.
         """
-        if self.padding_invariant:
-            return self._padding_free_levels(images)
+        _, _, height, width = images.tensor.shape
+        if self.padding_invariant and any((int(h), int(w)) != (height, width) for h, w in images.image_sizes):
+            return self._padding_free_levels(images)  # (a batch without padding needs nothing special)
         features = self.backbone(images.tensor)
         maps = [proj(features[f]) for proj, f in zip(self.input_proj, self.in_features)]
         for proj in self.input_proj[len(maps):]:
             maps.append(proj(features[self.in_features[-1]] if len(maps) == len(self.in_features) else maps[-1]))
-        _, _, height, width = images.tensor.shape
         sizes = torch.tensor([[int(h), int(w)] for h, w in images.image_sizes])  # (N, 2) (h, w); ints when traced
         image_mask = ((torch.arange(height)[None, :, None] >= sizes[:, 0, None, None])
                       | (torch.arange(width)[None, None, :] >= sizes[:, 1, None, None]))
@@ -208,9 +208,12 @@ class SparseDETR(nn.Module):
     def flatten_features(self, images: ImageList) -> FlatFeatures:
         """Backbone, input projections and extra levels, masks, position and level embeddings, flattened.
 
-        Masks are made on the host (:meth:`project_levels`), and every count derived from them stays a host value.
+        Masks are made on the host (:meth:`project_levels`), and every count derived from them stays a host
+        value. When no image is padded, the token counts follow from the level shapes alone (no mask is read),
+        so a model traced or exported for one input size has them as constants.
         """
         maps, level_masks = self.project_levels(images)
+        n, _, height, width = images.tensor.shape
         tokens, pos, masks, shapes, valid_sizes = [], [], [], [], []
         for level, (feature, mask) in enumerate(zip(maps, level_masks)):
             valid_sizes.append(torch.stack([(~mask[:, 0, :]).sum(1), (~mask[:, :, 0]).sum(1)], -1))
@@ -224,12 +227,15 @@ class SparseDETR(nn.Module):
         padding_mask = torch.cat(masks, 1)
         valid_sizes = torch.stack(valid_sizes, 1)  # (N, L, 2) (w, h)
         valid_ratios = valid_sizes.float() / spatial_shapes.flip(-1).float()
+        level_shapes = [(int(h), int(w)) for h, w in shapes]
+        unpadded = all((int(h), int(w)) == (height, width) for h, w in images.image_sizes)
+        valid_token_counts = [padding_mask.shape[1]] * n if unpadded else (~padding_mask).sum(1).tolist()
         to_device = dict(device=self.device, non_blocking=True)
         return FlatFeatures(
             tokens=torch.cat(tokens, 1), pos=torch.cat(pos, 1), padding_mask=padding_mask.to(**to_device),
-            spatial_shapes=spatial_shapes.to(**to_device), level_start_index=level_start_index.to(**to_device),
-            valid_ratios=valid_ratios.to(**to_device), valid_sizes=valid_sizes.to(**to_device),
-            valid_token_counts=(~padding_mask).sum(1).tolist())
+            spatial_shapes=spatial_shapes.to(**to_device), level_shapes=level_shapes,
+            level_start_index=level_start_index.to(**to_device), valid_ratios=valid_ratios.to(**to_device),
+            valid_sizes=valid_sizes.to(**to_device), valid_token_counts=valid_token_counts)
 
     def predict(self, batched_inputs: List[Dict], detections_only: bool = False) -> TransformerOutput:
         """Raw predictions of every output set (see :class:`TransformerOutput`), for analysis tools.
@@ -302,15 +308,26 @@ class SparseDETR(nn.Module):
         Args:
             logits: (N, Q, K) logits of the dataset's classes (:meth:`class_logits`); boxes: (N, Q, 4) cxcywh.
         """
-        num_classes = logits.shape[-1]
-        scores, index = logits.sigmoid().flatten(1).topk(min(self.num_detections, logits[0].numel()), dim=1)
-        query = torch.div(index, num_classes, rounding_mode="floor")
-        boxes = box_convert(boxes, "cxcywh", "xyxy").gather(1, query[..., None].expand(-1, -1, 4))
+        scores, classes, boxes = self.top_detections(logits, boxes)
         results = []
         for i, (h, w) in enumerate(image_sizes):
             r = Instances((h, w))
             r.pred_boxes = Boxes(boxes[i] * boxes.new_tensor([w, h, w, h]))
             r.scores = scores[i]
-            r.pred_classes = index[i] % num_classes
+            r.pred_classes = classes[i]
             results.append(r)
         return results
+
+    def top_detections(self, logits: Tensor, boxes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """The top D = min(NUM_DETECTIONS, Q x K) (query, class) pairs of each image by sigmoid score, batched.
+
+        Args:
+            logits: (N, Q, K) logits of the dataset's classes (:meth:`class_logits`); boxes: (N, Q, 4) cxcywh.
+        Returns:
+            scores (N, D), classes (N, D) int64 contiguous ids, boxes (N, D, 4) xyxy normalised to the image.
+        """
+        num_classes = logits.shape[-1]
+        scores, index = logits.sigmoid().flatten(1).topk(min(self.num_detections, logits[0].numel()), dim=1)
+        query = torch.div(index, num_classes, rounding_mode="floor")
+        boxes = box_convert(boxes, "cxcywh", "xyxy").gather(1, query[..., None].expand(-1, -1, 4))
+        return scores, index % num_classes, boxes

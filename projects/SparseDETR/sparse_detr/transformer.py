@@ -11,18 +11,27 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import MSDeformAttn
 
-__all__ = ["SparseDeformableTransformer", "TransformerOutput", "FlatFeatures", "inverse_sigmoid"]
+__all__ = ["SparseDeformableTransformer", "TransformerOutput", "FlatFeatures", "inverse_sigmoid", "kept_token_count"]
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def kept_token_count(valid_tokens: int, rho: float) -> int:
+    """n = floor(rho * valid tokens) + 1, the tokens the sparse encoder updates, in float32 like the authors' code.
+
+    A host int, so a model traced or exported for one input size has it as a constant.
+    """
+    return int(np.floor(np.float32(valid_tokens) * np.float32(rho))) + 1
 
 
 def sine_box_embedding(boxes_unact: Tensor, num_feats: int, temperature: float = 10000.0) -> Tensor:
@@ -131,13 +140,15 @@ class FlatFeatures:
     """All feature levels flattened into one token axis (S = sum of H_l * W_l).
 
     Every shape and count here that depends on image sizes was computed on the host, from the
-    padding masks, so the sparse selection needs no device synchronisation.
+    padding masks, so the sparse selection needs no device synchronisation; ``level_shapes`` and
+    ``valid_token_counts`` are Python ints, so a traced or exported model sees them as constants.
     """
 
     tokens: Tensor  # (N, S, C) projected backbone features
     pos: Tensor  # (N, S, C) sine position embedding + level embedding
     padding_mask: Tensor  # (N, S) bool, True at padded tokens
     spatial_shapes: Tensor  # (L, 2) int64 (H, W)
+    level_shapes: List[Tuple[int, int]]  # the same (H, W) of each level, on the host
     level_start_index: Tensor  # (L,)
     valid_ratios: Tensor  # (N, L, 2) (w, h) share of unpadded columns / rows of each level
     valid_sizes: Tensor  # (N, L, 2) (w, h) unpadded columns / rows of each level
@@ -261,7 +272,7 @@ class SparseDeformableTransformer(nn.Module):
     def encoder_reference_points(flat: FlatFeatures) -> Tensor:
         """(N, S, L, 2): each token's cell centre normalised by its level's valid size, seen on every level."""
         points = []
-        for level, (h, w) in enumerate(flat.spatial_shapes.tolist()):
+        for level, (h, w) in enumerate(flat.level_shapes):
             xs, ys = _cell_centres(h, w, flat.tokens.device)
             ratio = flat.valid_ratios[:, None, level]
             points.append(torch.stack([xs.reshape(1, -1) / (ratio[..., 0] * w), ys.reshape(1, -1) / (ratio[..., 1] * h)], -1))
@@ -271,7 +282,7 @@ class SparseDeformableTransformer(nn.Module):
     def proposals(flat: FlatFeatures):
         """Two-stage proposals of every token: (N, S, 4) logits (+inf where padded or invalid), (N, S) validity."""
         boxes = []
-        for level, (h, w) in enumerate(flat.spatial_shapes.tolist()):
+        for level, (h, w) in enumerate(flat.level_shapes):
             xs, ys = _cell_centres(h, w, flat.tokens.device)
             centres = torch.stack([xs, ys], -1).reshape(1, -1, 2) / flat.valid_sizes[:, None, level]
             sizes = torch.full_like(centres, 0.05 * 2.0 ** level)
@@ -308,12 +319,11 @@ class SparseDeformableTransformer(nn.Module):
         scores = self.enc_mask_predictor(self._project_memory(flat.tokens + flat.pos, proposal_valid),
                                          ~flat.padding_mask if self.padding_invariant else None)
         scores = scores.masked_fill(flat.padding_mask, scores.min())
-        valid_counts = torch.tensor(flat.valid_token_counts, dtype=torch.float32)
-        sparse_token_nums = (valid_counts * self.rho).floor().long() + 1
-        k = min(int(sparse_token_nums.max()), scores.shape[1])
+        sparse_token_nums = [kept_token_count(count, self.rho) for count in flat.valid_token_counts]
+        k = min(max(sparse_token_nums), scores.shape[1])
         out.token_scores = scores
         out.kept_tokens = scores.topk(k, dim=1).indices
-        out.sparse_token_nums = sparse_token_nums.to(scores.device, non_blocking=True)
+        out.sparse_token_nums = torch.tensor(sparse_token_nums).to(scores.device, non_blocking=True)
         return out.kept_tokens, out.sparse_token_nums
 
     def _encode(self, flat: FlatFeatures, proposals, proposal_valid, out: TransformerOutput,
