@@ -100,3 +100,32 @@ def test_demo_refuses_what_would_draw_nothing(args, message, tmp_path, capsys):
     assert run_demo(*args, "--output", str(tmp_path / "out/")) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
+
+
+def test_demo_report_calibrates_the_threshold_by_f1():
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "projects", "SparseDETR", "tools"))
+    import demo_report
+
+    gt_boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    gt_classes = torch.tensor([0, 1])
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 9.0], [20.0, 20.0, 30.0, 30.0],
+                          [40.0, 40.0, 50.0, 50.0]])
+    scores, classes = torch.tensor([0.9, 0.8, 0.3, 0.6], dtype=torch.float64), torch.tensor([0, 0, 0, 1])
+    # 0.9 takes the class-0 box; 0.8 finds it taken; 0.3 overlaps the class-1 box with the wrong class; 0.6 misses
+    pairs = demo_report.matched_scores(scores, classes, boxes, gt_classes, gt_boxes)
+    assert sorted(pairs, reverse=True) == [(0.9, 1), (0.8, 0), (0.6, 0), (0.3, 0)]
+    result = demo_report.calibrate(pairs + [(0.7, 1)], num_truths=3, used_threshold=0.65)
+    # kept from the top: 0.9 (P 1, R 1/3, F1 .5), 0.8 (.5, 1/3, .4), 0.7 (2/3, 2/3, 2/3), 0.6 (.5, 2/3), ...
+    assert result["best"]["threshold"] == 0.7 and abs(result["best"]["f1"] - 2 / 3) < 1e-9
+    assert result["used"]["threshold"] == 0.65 and abs(result["used"]["precision"] - 2 / 3) < 1e-9
+
+
+def test_demo_uses_the_configs_confidence_threshold(tmp_path, caplog):
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), (np.random.default_rng(1).random((60, 80, 3)) * 255).astype(np.uint8))
+    with caplog.at_level("INFO", logger="sparse_detr"):
+        assert demo.main(["--config-file", CONFIG, "--input", str(image), "--output", str(tmp_path / "out") + "/",
+                          "--opts", *TINY, "TEST.CONFIDENCE_THRESHOLD", "0.97"]) == 0
+    assert "no detection reaches --confidence-threshold 0.97" in caplog.text

@@ -105,7 +105,7 @@ class OnnxPredictor:
     little from the PyTorch model's. Boxes are scaled back to the image and clipped, as detector_postprocess does.
     """
 
-    def __init__(self, onnx_path: str, confidence_threshold: float):
+    def __init__(self, onnx_path: str, confidence_threshold: Optional[float]):
         import onnxruntime
 
         if not os.path.isfile(onnx_path):
@@ -124,7 +124,8 @@ class OnnxPredictor:
         names = json.loads(meta.get("sparse_detr.thing_classes", "null"))
         if names:
             self.metadata.set(thing_classes=names)
-        self.threshold = confidence_threshold
+        self.threshold = confidence_threshold if confidence_threshold is not None else float(
+            meta.get("sparse_detr.confidence_threshold", 0.5))
 
     def _check_signature(self, onnx_path: str):
         """(H, W) of the model's input; a ValueError when the file is not a fixed-size export.py model."""
@@ -269,7 +270,9 @@ def get_parser():
     source.add_argument("--webcam", action="store_true", help="the first webcam")
     parser.add_argument("--output", help="file or folder for the pictures (a video file for --video-input); "
                                          "without it, pictures are shown in a window")
-    parser.add_argument("--confidence-threshold", type=float, default=0.5, help="a score in [0, 1]")
+    parser.add_argument("--confidence-threshold", type=float, default=None,
+                        help="a score in [0, 1]; default: the config's TEST.CONFIDENCE_THRESHOLD (0.5 for --onnx "
+                             "models without one in their metadata)")
     parser.add_argument("--show-kept-tokens", action="store_true",
                         help="draw the tokens the sparse encoder updated on each level below the detections")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
@@ -280,7 +283,7 @@ def get_parser():
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     setup_logger(name="sparse_detr")
-    if not 0.0 <= args.confidence_threshold <= 1.0:
+    if args.confidence_threshold is not None and not 0.0 <= args.confidence_threshold <= 1.0:
         raise ValueError(f"--confidence-threshold is a score in [0, 1], got {args.confidence_threshold}")
     if args.onnx:
         if args.show_kept_tokens:
@@ -290,7 +293,9 @@ def main(argv=None) -> int:
             raise ValueError("--opts overrides a config: an --onnx model has none")
         predictor = OnnxPredictor(args.onnx, args.confidence_threshold)
     else:
-        predictor = Predictor(setup_cfg(args), args.confidence_threshold)
+        cfg = setup_cfg(args)
+        threshold = cfg.TEST.CONFIDENCE_THRESHOLD if args.confidence_threshold is None else args.confidence_threshold
+        predictor = Predictor(cfg, threshold)
     if args.input:
         run_images(predictor, args)
     else:

@@ -168,6 +168,7 @@ def onnx_metadata(cfg, config_file: Path, args) -> Dict[str, str]:
     return {"sparse_detr.config": config_file.name, "sparse_detr.weights": cfg.MODEL.WEIGHTS,
             "sparse_detr.input_size": f"{args.height}x{args.width}", "sparse_detr.sampler": args.sampler,
             "sparse_detr.pixel_mean": json.dumps(list(cfg.MODEL.PIXEL_MEAN)),
+            "sparse_detr.confidence_threshold": str(cfg.TEST.CONFIDENCE_THRESHOLD),
             "sparse_detr.thing_classes": json.dumps(class_names(cfg))}
 
 

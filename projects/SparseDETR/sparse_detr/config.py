@@ -117,6 +117,10 @@ def add_sparse_detr_config(cfg):
     # locations, attention softmax, box and class heads and the token scores that top-k ranks stay in
     # float32), or "auto": bfloat16 on CPUs with native bf16 (AMX or AVX512-BF16), float32 elsewhere.
     cfg.TEST.PRECISION = "auto"
+    # Score from which demo.py (its default --confidence-threshold) and the demo report draw detections;
+    # evaluation always takes the top NUM_DETECTIONS. 0.5 as in Detectron2's demo; a config may set the value
+    # its model is calibrated to (the demo report prints the F1-best threshold on the validation set).
+    cfg.TEST.CONFIDENCE_THRESHOLD = 0.5
 
     # Training schedule in epochs: with EPOCHS > 0, SOLVER.MAX_ITER and SOLVER.STEPS are derived from the
     # training set's size (EPOCHS x iterations an epoch, learning rate x GAMMA after each LR_DROP_EPOCHS).
