@@ -40,6 +40,7 @@ from sparse_detr.checkpoint import SparseDETRCheckpointer
 from sparse_detr.cli import CONFIG_DIR, check_weights_file, load_config, reports_user_errors
 from sparse_detr.deploy import (DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAMES, ExportableDetector, check_input_size,
                                 export_onnx, export_program)
+from sparse_detr.inference import FastInferenceModel, inference_precision
 from sparse_detr.layers.ms_deform_attn_export import SAMPLERS
 from sparse_detr.transformer import kept_token_count
 
@@ -206,8 +207,10 @@ def benchmark(model, onnx_path: str, images: torch.Tensor, threads: int, warmup:
     feed = {INPUT_NAME: images.numpy()}
     batched_inputs = [{"image": image} for image in images]
     clock = CLOCKS[clock_name]
-    seconds = {"eager": [], "onnxruntime": []}
-    runs = {"eager": lambda: model(batched_inputs), "onnxruntime": lambda: session.run(list(OUTPUT_NAMES), feed)}
+    fast = FastInferenceModel(model, inference_precision("auto", images.device))
+    runs = {"eager": lambda: model(batched_inputs), "fast": lambda: fast(batched_inputs),
+            "onnxruntime": lambda: session.run(list(OUTPUT_NAMES), feed)}
+    seconds = {name: [] for name in runs}
     results = {}
     for step in range(warmup + repeats):
         for name, run in runs.items():
@@ -225,7 +228,8 @@ def benchmark(model, onnx_path: str, images: torch.Tensor, threads: int, warmup:
     same_count = eager_boxes.shape[1] == boxes.shape[1]  # detector_postprocess drops empty boxes
     return {
         "eager_s": statistics.median(seconds["eager"]), "onnxruntime_s": statistics.median(seconds["onnxruntime"]),
-        "eager_runs_s": seconds["eager"], "onnxruntime_runs_s": seconds["onnxruntime"],
+        "fast_s": statistics.median(seconds["fast"]), "fast_precision": str(fast.dtype).split(".")[-1],
+        "eager_runs_s": seconds["eager"], "onnxruntime_runs_s": seconds["onnxruntime"], "fast_runs_s": seconds["fast"],
         "max_score_difference": float(np.abs(scores - np.stack([i.scores.numpy() for i in eager])).max()),
         "labels_equal": float((labels == np.stack([i.pred_classes.numpy() for i in eager])).mean()),
         "max_box_difference_px": float(np.abs(clipped - eager_boxes).max()) if same_count else None,
@@ -243,10 +247,13 @@ def benchmark_report(result: Dict, config_name: str, images: torch.Tensor, threa
              "|---|---:|---|",
              f"| PyTorch eager (model(batched_inputs)) | {result['eager_s']:.3f} | "
              f"{', '.join(f'{s:.3f}' for s in result['eager_runs_s'])} |",
+             f"| PyTorch fast path (TEST.FAST_INFERENCE, {result['fast_precision']}) | {result['fast_s']:.3f} | "
+             f"{', '.join(f'{s:.3f}' for s in result['fast_runs_s'])} |",
              f"| ONNX Runtime (CPUExecutionProvider) | {result['onnxruntime_s']:.3f} | "
              f"{', '.join(f'{s:.3f}' for s in result['onnxruntime_runs_s'])} |",
              "",
-             f"eager / ONNX Runtime: {result['eager_s'] / result['onnxruntime_s']:.2f}x",
+             f"eager / ONNX Runtime: {result['eager_s'] / result['onnxruntime_s']:.2f}x; fast path / ONNX Runtime: "
+             f"{result['fast_s'] / result['onnxruntime_s']:.2f}x",
              f"agreement on this input: max |score difference| {result['max_score_difference']:.2g}, labels equal "
              f"{100 * result['labels_equal']:.1f} %" + ("" if box is None else f", max box difference {box:.2g} px "
                                                         "(boxes clipped as detector_postprocess does)")]
