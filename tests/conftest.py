@@ -17,6 +17,8 @@ from sparse_detr import add_sparse_detr_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "projects" / "SparseDETR" / "configs"
+# the authors'-implementation fixture, committed (see its README); the lead's reference tools, where present
+CONFORMANCE_FIXTURE = REPO_ROOT / "tests" / "data" / "conformance" / "sparse_r50_rho0.2.pt"
 CONFORMANCE_DIR = REPO_ROOT.parent / "shared" / "conformance"
 
 TINY = {"HIDDEN_DIM": 32, "NHEADS": 2, "ENC_LAYERS": 2, "DEC_LAYERS": 2, "DIM_FEEDFORWARD": 64,

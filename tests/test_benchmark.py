@@ -126,3 +126,13 @@ def test_json_output():
     assert result["device"] == "cpu" and result["num_classes"] == TINY["NUM_CLASSES"]
     assert result["gflops_with_sampling"] > result["gflops"] > 0
     assert result["fps"] > 0 and result["b4fps"] > 0 and result["params_m"] > 0
+
+
+def test_paper_parameter_count_leaves_out_the_encoder_auxiliary_heads(benchmark, tiny_model):
+    sparse = tiny_model("sparse_detr_r50_rho0.1.yaml")  # 2 decoder layers, the two-stage head, 1 auxiliary head
+    heads = benchmark.encoder_auxiliary_heads(sparse)
+    assert heads == ["transformer.class_embed.3.", "transformer.bbox_embed.3."]
+    auxiliary = sum(p.numel() for m in (sparse.transformer.class_embed[3], sparse.transformer.bbox_embed[3])
+                    for p in m.parameters())
+    assert benchmark.trainable_parameters(sparse) - benchmark.trainable_parameters(sparse, heads) == auxiliary > 0
+    assert benchmark.encoder_auxiliary_heads(tiny_model("deformable_detr_r50_bbr_two_stage.yaml")) == []

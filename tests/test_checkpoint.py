@@ -1,7 +1,7 @@
 """The converter for every kind of input file, and SparseDETRCheckpointer's class-count check.
 
 The authors' detector layout comes from the conformance fixture (its key list, shapes and aliases, with
-weights drawn by ../shared/conformance/recipe.py); the backbone files are built here from torchvision's
+weights drawn by tests/official_weights.py); the backbone files are built here from torchvision's
 ResNet-50 and Detectron2's Swin-T under the names their official releases use.
 """
 import importlib.util
@@ -15,12 +15,12 @@ import torch
 import torchvision
 from detectron2.modeling import build_model
 
-from conftest import CONFORMANCE_DIR, REPO_ROOT, build_config
+import official_weights
+from conftest import CONFORMANCE_FIXTURE, REPO_ROOT, build_config
 from sparse_detr.checkpoint import SparseDETRCheckpointer, convert_checkpoint, convert_state_dict
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-FIXTURE = CONFORMANCE_DIR / "sparse_r50_rho0.2.pt"
 CONVERTER = REPO_ROOT / "projects" / "SparseDETR" / "convert_official_weights.py"
 UNUSED_COCO_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}  # ids 1..90 that COCO never uses
 COCO_IDS = [i for i in range(1, 91) if i not in UNUSED_COCO_IDS]  # in Detectron2's contiguous order
@@ -35,17 +35,14 @@ def load_module(name, path):
 
 @pytest.fixture(scope="module")
 def recipe():
-    if not (CONFORMANCE_DIR / "recipe.py").exists() or not FIXTURE.exists():
-        pytest.skip(f"no conformance fixture in {CONFORMANCE_DIR}")
-    fixture = torch.load(FIXTURE, map_location="cpu", weights_only=False)
-    return fixture, load_module("conformance_recipe", CONFORMANCE_DIR / "recipe.py")
+    return torch.load(CONFORMANCE_FIXTURE, map_location="cpu", weights_only=False), official_weights
 
 
 @pytest.fixture(scope="module")
 def official(recipe):
     """The fixture's official-format state dict (float32, like the released files: half the bytes to write)."""
     fixture, module = recipe
-    return {k: v.float() if v.is_floating_point() else v for k, v in module.recipe_state_dict(fixture).items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in module.official_state_dict(fixture).items()}
 
 
 @pytest.fixture(scope="module")
@@ -109,29 +106,50 @@ def test_checkpointer_converts_the_authors_layout_on_the_fly(official, fixture_m
         assert torch.equal(state[key], value), key
 
 
-def test_91_classes_map_to_detectron2_order(recipe, official, fixture_model):
-    fixture, _ = recipe
+def coco_91_rows(official):
+    """The fixture's official weights with 91-row class heads, each row holding its COCO id."""
     coco = {}
     for key, value in official.items():
-        if "class_embed" in key:  # 91 rows, each holding its COCO id
+        if "class_embed" in key:
             ids = torch.arange(91, dtype=value.dtype)
             coco[key] = ids.view(-1, 1).expand(91, value.shape[1]).clone() if value.dim() == 2 else ids
-    converted = convert_state_dict({"model": {**official, **coco}})
+    return {**official, **coco}
+
+
+def test_91_class_columns_are_kept_for_the_paper_configs(official, tmp_path, converter_main):
+    src, dst = tmp_path / "official.pth", tmp_path / "converted.pth"
+    torch.save({"model": coco_91_rows(official)}, src)
+    assert converter_main([str(src), str(dst)]) == 0
+    converted = torch.load(dst, map_location="cpu", weights_only=False)["model"]
     heads = [k for k in converted if k.startswith("transformer.class_embed.")]
     assert len(heads) == 2 * 12  # 6 decoder layers, the two-stage head, 5 encoder auxiliary heads
     for key in heads:
         rows = converted[key] if key.endswith("bias") else converted[key][:, 0]
+        assert rows.tolist() == list(range(91)), key
+    # the paper config on COCO has the authors' 91 columns: it takes the file strictly
+    torch.manual_seed(0)
+    model = build_model(build_config("sparse_detr_r50_rho0.2.yaml", tiny=False, NUM_CLASSES=80))
+    model.load_state_dict(converted, strict=True)
+    assert model.class_columns.tolist() == COCO_IDS
+
+
+def test_91_classes_to_contiguous_heads_pick_the_coco_ids(official, fixture_model, tmp_path, converter_main):
+    src, dst = tmp_path / "official.pth", tmp_path / "converted.pth"
+    torch.save({"model": coco_91_rows(official)}, src)
+    assert converter_main([str(src), str(dst), "--contiguous-classes"]) == 0
+    converted = torch.load(dst, map_location="cpu", weights_only=False)["model"]
+    for key in [k for k in converted if k.startswith("transformer.class_embed.")]:
+        rows = converted[key] if key.endswith("bias") else converted[key][:, 0]
         assert rows.tolist() == COCO_IDS, key
         assert rows[0] == 1 and rows[79] == 90  # person, toothbrush
-    # everything else is the fixture's model: an 80-class model of the same config takes it strictly
-    own = fixture_model.state_dict()
-    assert converted.keys() == own.keys()
-    for key, value in converted.items():
-        expected = (80,) + tuple(own[key].shape[1:]) if key in heads else tuple(own[key].shape)
-        assert tuple(value.shape) == expected, key
     torch.manual_seed(0)
-    build_model(build_config("sparse_detr_r50_rho0.2.yaml", tiny=False, NUM_CLASSES=80)).load_state_dict(
-        converted, strict=True)
+    contiguous = build_model(build_config("sparse_detr_r50_rho0.2.yaml", tiny=False, NUM_CLASSES=80,
+                                          CLASS_COLUMNS="contiguous"))
+    contiguous.load_state_dict(converted, strict=True)
+    # the checkpointer does the same from the 91-row file, on the fly
+    SparseDETRCheckpointer(contiguous).load(str(src))
+    state = contiguous.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in converted.items())
 
 
 def test_official_swin_detector_checkpoint_loads_strictly(official, tmp_path):
@@ -318,3 +336,52 @@ def test_checkpointer_save_round_trip(tmp_path, tiny_model):
     assert extra["iteration"] == 7
     mine, theirs = model.state_dict(), other.state_dict()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+# ---- files already in this project's layout, and writing checkpoints ------------------------------
+
+
+def test_a_checkpoint_of_this_project_is_refused_not_mangled(tmp_path, tiny_model, converter_main, capsys):
+    """Converting would drop the backbone (the authors' is under backbone.0.body): say that it needs none."""
+    model = tiny_model("sparse_detr_r50_rho0.2.yaml", dtype=torch.float32)
+    src, dst = tmp_path / "model_final.pth", tmp_path / "out.pth"
+    torch.save({"model": model.state_dict(), "iteration": 9}, src)
+    assert converter_main([str(src), str(dst)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "already in this project's layout" in err and "MODEL.WEIGHTS" in err
+    assert not dst.exists()
+
+
+def test_backbone_tensors_outside_the_authors_layout_are_not_dropped(official):
+    extra = {**official, "backbone.stem.conv1.weight": torch.zeros(64, 3, 7, 7)}
+    with pytest.raises(ValueError, match=r"1 backbone tensors are outside .*'backbone.stem.conv1.weight'"):
+        convert_state_dict({"model": extra})
+
+
+def test_save_removes_stale_temporaries_and_writes_files_with_the_usual_mode(tmp_path, tiny_model):
+    model = tiny_model("sparse_detr_r50_rho0.2.yaml", dtype=torch.float32)
+    killed = tmp_path / ".tmp-5f3a9c-model_0000999.pth"  # what a kill during a save leaves
+    killed.write_bytes(b"half a checkpoint")
+    umask = os.umask(0o022)
+    try:
+        SparseDETRCheckpointer(model, str(tmp_path)).save("model_final")
+    finally:
+        os.umask(umask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_final.pth"]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    for name in ("model_final.pth", "last_checkpoint"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_last_checkpoint_is_replaced_atomically(tmp_path, tiny_model, monkeypatch):
+    checkpointer = SparseDETRCheckpointer(tiny_model("sparse_detr_r50_rho0.2.yaml", dtype=torch.float32), str(tmp_path))
+    checkpointer.tag_last_checkpoint("model_0000004.pth")
+
+    def killed(*args):
+        raise KeyboardInterrupt  # as if the process died between writing and renaming
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.tag_last_checkpoint("model_0000009.pth")
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000004.pth"
+    assert [p.name for p in tmp_path.iterdir()] == ["last_checkpoint"]

@@ -4,6 +4,7 @@ import sys
 
 import cv2
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "projects", "SparseDETR"))
@@ -57,3 +58,74 @@ def test_demo_report_reads_the_last_evaluation_with_its_dam_recall_and_plots_per
     demo_report.plot_curves(records, str(target))
     picture = cv2.imread(str(target))
     assert picture is not None and picture.shape[1] > 2 * picture.shape[0]  # two panels side by side
+
+
+def run_demo(*args):
+    return demo.main(["--config-file", CONFIG, *args, "--opts", *TINY])
+
+
+def write_image(path):
+    cv2.imwrite(str(path), (np.random.default_rng(0).random((60, 80, 3)) * 255).astype(np.uint8))
+    return str(path)
+
+
+def test_demo_writes_one_image_into_a_new_folder_given_with_a_slash(tmp_path):
+    image = write_image(tmp_path / "a.png")
+    assert run_demo("--input", image, "--output", str(tmp_path / "out") + "/") == 0
+    assert os.listdir(tmp_path / "out") == ["a.png"]
+
+
+def test_demo_says_what_it_did_not_find(tmp_path, caplog):
+    """An untrained model's detections clear no threshold of 1.0: the log says so, with the best score."""
+    image = write_image(tmp_path / "a.png")
+    logger = demo.logger
+    logger.addHandler(caplog.handler)  # demo.main's logger does not propagate to pytest's handler
+    try:
+        assert run_demo("--input", image, "--output", str(tmp_path / "out.png"), "--confidence-threshold", "1") == 0
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "no MODEL.WEIGHTS: the model is untrained" in caplog.text
+    assert "a.png: no detection reaches --confidence-threshold 1 (the highest score is 0." in caplog.text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input", "{empty}"], "the folder holds no image"),
+    (["--input", "{image}", "--confidence-threshold", "1.5"], "--confidence-threshold is a score in [0, 1], got 1.5"),
+    (["--input", "{image}", "--confidence-threshold", "-0.1"], "--confidence-threshold is a score in [0, 1], got -0.1"),
+])
+def test_demo_refuses_what_would_draw_nothing(args, message, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    image = write_image(tmp_path / "a.png")
+    args = [a.format(empty=tmp_path / "empty", image=image) for a in args]
+    assert run_demo(*args, "--output", str(tmp_path / "out/")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+
+
+def test_demo_report_calibrates_the_threshold_by_f1():
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "projects", "SparseDETR", "tools"))
+    import demo_report
+
+    gt_boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    gt_classes = torch.tensor([0, 1])
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 9.0], [20.0, 20.0, 30.0, 30.0],
+                          [40.0, 40.0, 50.0, 50.0]])
+    scores, classes = torch.tensor([0.9, 0.8, 0.3, 0.6], dtype=torch.float64), torch.tensor([0, 0, 0, 1])
+    # 0.9 takes the class-0 box; 0.8 finds it taken; 0.3 overlaps the class-1 box with the wrong class; 0.6 misses
+    pairs = demo_report.matched_scores(scores, classes, boxes, gt_classes, gt_boxes)
+    assert sorted(pairs, reverse=True) == [(0.9, 1), (0.8, 0), (0.6, 0), (0.3, 0)]
+    result = demo_report.calibrate(pairs + [(0.7, 1)], num_truths=3, used_threshold=0.65)
+    # kept from the top: 0.9 (P 1, R 1/3, F1 .5), 0.8 (.5, 1/3, .4), 0.7 (2/3, 2/3, 2/3), 0.6 (.5, 2/3), ...
+    assert result["best"]["threshold"] == 0.7 and abs(result["best"]["f1"] - 2 / 3) < 1e-9
+    assert result["used"]["threshold"] == 0.65 and abs(result["used"]["precision"] - 2 / 3) < 1e-9
+
+
+def test_demo_uses_the_configs_confidence_threshold(tmp_path, caplog):
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), (np.random.default_rng(1).random((60, 80, 3)) * 255).astype(np.uint8))
+    with caplog.at_level("INFO", logger="sparse_detr"):
+        assert demo.main(["--config-file", CONFIG, "--input", str(image), "--output", str(tmp_path / "out") + "/",
+                          "--opts", *TINY, "TEST.CONFIDENCE_THRESHOLD", "0.97"]) == 0
+    assert "no detection reaches --confidence-threshold 0.97" in caplog.text

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -59,8 +60,6 @@ def demo_cfg(*opts):
 def _record(tmp_path, boxes, size=(120, 160)):
     image = (np.random.default_rng(0).random((*size, 3)) * 255).astype(np.uint8)
     path = str(tmp_path / "image.png")
-    import cv2
-
     cv2.imwrite(path, image)
     return {"file_name": path, "height": size[0], "width": size[1], "image_id": 0,
             "annotations": [{"bbox": b, "bbox_mode": 0, "category_id": 0, "iscrowd": 0} for b in boxes]}
@@ -273,3 +272,88 @@ def test_missing_config_file(shapes_env):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "config file '/nonexistent.yaml' does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---- an own COCO-json dataset from a copied config, as a new user trains one ----------------------------
+
+OWN_CONFIG = """_BASE_: "demo.yaml"
+MODEL:
+  SPARSE_DETR:
+    NUM_CLASSES: 2
+DATASETS:
+  COCO_JSON: [["mine_train", "train.json", "images"], ["mine_val", "val.json", "images"]]
+  TRAIN: ("mine_train",)
+  TEST: ("mine_val",)
+"""
+
+
+def write_coco_dataset(root, split, names):
+    """A COCO json of 80x64 images with a square (class 1) and a disc (class 2); a truncated JPEG where asked."""
+    images, annotations = [], []
+    rng = np.random.default_rng(len(names))
+    for image_id, name in enumerate(names, 1):
+        path = root / "images" / name
+        picture = (rng.random((64, 80, 3)) * 60).astype(np.uint8)
+        cv2.rectangle(picture, (8, 10), (30, 32), (250, 40, 40), -1)
+        cv2.circle(picture, (56, 40), 12, (40, 250, 40), -1)
+        cv2.imwrite(str(path), picture)
+        if name.startswith("truncated"):
+            path.write_bytes(path.read_bytes()[:400])
+        images.append({"id": image_id, "file_name": name, "height": 64, "width": 80})
+        annotations += [{"id": 2 * image_id, "image_id": image_id, "category_id": 1, "bbox": [8, 10, 23, 23],
+                         "area": 529, "iscrowd": 0},
+                        {"id": 2 * image_id + 1, "image_id": image_id, "category_id": 2, "bbox": [44, 28, 25, 25],
+                         "area": 625, "iscrowd": 0}]
+    categories = [{"id": 1, "name": "square"}, {"id": 2, "name": "disc"}]
+    (root / f"{split}.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                    "categories": categories}))
+
+
+@pytest.fixture(scope="module")
+def own_dataset_run(tmp_path_factory):
+    """train_net.py --config-file my.yaml, run from the dataset's folder: a config naming the demo config as its
+    _BASE_ (not next to it), COCO-json datasets from DATASETS.COCO_JSON, the demo's 6-epoch schedule with
+    SOLVER.MAX_ITER 2 on the command line, and an unreadable (truncated) image in each split."""
+    root = tmp_path_factory.mktemp("mine")
+    (root / "images").mkdir()
+    write_coco_dataset(root, "train", ["a.png", "b.png", "c.png", "truncated_t.jpg"])
+    write_coco_dataset(root, "val", ["d.png", "e.png", "truncated_v.jpg"])
+    (root / "my.yaml").write_text(OWN_CONFIG)
+    opts = [item for key, value in zip(TINY[0::2], TINY[1::2]) if key != "SOLVER.EPOCHS" for item in (key, value)]
+    result = subprocess.run([sys.executable, TRAIN_NET, "--config-file", "my.yaml", *opts, "SOLVER.MAX_ITER", "2",
+                             "DATALOADER.NUM_WORKERS", "1", "OUTPUT_DIR", "out"], cwd=root, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root / "out", result
+
+
+def test_own_coco_dataset_trains_and_evaluates_from_the_config_alone(own_dataset_run):
+    out, result = own_dataset_run
+    assert (out / "model_final.pth").is_file()
+    assert "copypaste: AP,AP50" in result.stdout
+    assert (out / "inference" / "coco_instances_results.json").is_file()
+
+
+def test_max_iter_on_the_command_line_wins_over_epochs_and_the_schedule_is_logged(own_dataset_run):
+    out, _ = own_dataset_run
+    records = [json.loads(line) for line in open(out / "metrics.json")]
+    assert [r["iteration"] for r in records if "total_loss" in r][-1] == 1
+    log = (out / "log.txt").read_text()
+    assert "SOLVER.EPOCHS 6 of 4 images, 2 iterations an epoch: MAX_ITER 2 (from the command line; the epochs " \
+           "give 12), STEPS (10,)" in log
+
+
+def test_unreadable_images_are_skipped_and_counted_in_training_and_evaluation(own_dataset_run):
+    log = (own_dataset_run[0] / "log.txt").read_text()
+    assert "1 training image(s) could not be read and were skipped" in log and "truncated_t.jpg" in log
+    assert "mine_val: 1 of its 3 images could not be read and were skipped" in log and "truncated_v.jpg" in log
+
+
+def test_tensorboard_event_files_are_written(own_dataset_run):
+    assert list(own_dataset_run[0].glob("events.out.tfevents.*"))
+
+
+def test_no_known_harmless_warning_is_shown(own_dataset_run):
+    out, result = own_dataset_run
+    assert result.stderr.strip() == "", result.stderr[-3000:]
+    assert "not built correctly" not in (out / "log.txt").read_text()

@@ -14,6 +14,8 @@ writes a PNG (``--plot``) and a markdown table.
 What is measured (SPEC section 6):
 
 * ``params_m``: trainable parameters, in millions (frozen stem and res2 excluded, as the authors count).
+  ``params_paper_m``: the same without Sparse DETR's encoder auxiliary heads, which the paper's count
+  (40.9 M for Sparse DETR) leaves out; equal to ``params_m`` for the other rows.
 * ``gflops``: fvcore's count of one inference on one random 3x850x1040 image (``--image-size``), one
   multiply-add = one FLOP, over the operators the authors' counter covered (see ``sparse_detr/flops.py``):
   it includes 4 multiply-adds per sampled value for the bilinear taps of the deformable attention, which
@@ -21,14 +23,24 @@ What is measured (SPEC section 6):
   ``gflops_with_sampling`` adds the weighting: the deformable sampling then costs
   5 * N * Lq * M * L * P * D per attention call (4 bilinear taps + 1 weight, for each of the N images, Lq
   queries, M heads, L levels, P points and D channels per head).
-  The authors' model has 91 classes (COCO ids), this project's 80: ``--num-classes 91`` counts their heads.
+  The paper configs have the authors' class heads on COCO, a column per category id (91), so the counts
+  are theirs as they stand (``MODEL.SPARSE_DETR.CLASS_COLUMNS``).
   The count depends on the image size only, so the weights are random (``MODEL.WEIGHTS`` is ignored).
   ``--skip-flops`` leaves both counts out (``null``): the trace runs on the CPU and takes a while.
 * ``fps`` and ``b4fps``: images per second through the Detectron2 interface (``model(batched_inputs)``,
-  post-processing included) at batch 1 and batch 4 of the same image, from the median of ``--repeats``
+  post-processing included) on the inference path that evaluation takes (``TEST.FAST_INFERENCE``,
+  ``TEST.PRECISION``: see ``sparse_detr/inference.py``; ``TEST.FAST_INFERENCE False`` times the model as it
+  trains) at batch 1 and batch 4 of the same image, from the median of ``--repeats``
   timed runs after ``--warmup`` untimed ones (``torch.cuda.synchronize`` around each on CUDA); the spread
   is the interquartile range. ``--dtype bf16|fp16`` runs under ``torch.autocast``. On a CPU shared with other
   work, ``--threads 1 --clock cpu`` times the runs by the process's CPU time instead of the elapsed time.
+* ``--compare-plain`` also times the plain float32 path (the model as it trains, no autocast) in the same
+  run, the two paths taking turns run by run, and adds ``plain_fps``, ``plain_b4fps``, ``speedup`` (batch 1),
+  the machine (``cpu``: model name, native bf16 through AMX / AVX512-BF16) and the gap to its limit:
+  ``achieved_gflops_per_s`` (``gflops`` x FPS) against ``peak_gflops_per_s``, the CPU's peak for the
+  precision of the timed path in the same unit (a multiply-add is one FLOP): threads x clock x
+  multiply-adds a cycle and core (float32: 32 with AVX-512, 16 with AVX2 + FMA; bfloat16: 512 with AMX,
+  64 with AVX512-BF16), assuming two FMA units a core (``--peak-gflops`` overrides it).
 * ``peak_mem_mb``: on CUDA ``torch.cuda.max_memory_allocated`` during the batch-1 runs (weights included);
   on the CPU the rise of the process's peak resident set size (VmHWM, reset through
   ``/proc/self/clear_refs``) during the batch-1 runs over the resident size before them, after glibc's
@@ -51,18 +63,18 @@ from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import sparse_detr  # noqa: F401  (first: silences known-harmless warnings of the imports below)
 import torch
 from tqdm import tqdm
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from sparse_detr import add_sparse_detr_config
+from sparse_detr.cli import CONFIG_DIR, load_config, reports_user_errors
 from sparse_detr.flops import count_flops
+from sparse_detr.inference import FastInferenceModel, has_native_bf16, inference_precision
 
 logger = logging.getLogger("sparse_detr.benchmark")
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCALING_CONFIGS = ("sparse_detr_r50_rho0.1.yaml", "sparse_detr_r50_rho0.3.yaml", "deformable_detr_r50.yaml")
 SCALING_SHORT_SIDES = (512, 640, 800, 1024, 1333)
@@ -89,10 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, nargs=2, default=[850, 1040], metavar=("H", "W"),
                         help="image of the FLOP count and the timings (the authors' 850 x 1040)")
     parser.add_argument("--num-classes", type=int, default=None,
-                        help="override MODEL.SPARSE_DETR.NUM_CLASSES (91 to count the authors' heads)")
+                        help="override MODEL.SPARSE_DETR.NUM_CLASSES (contiguous class heads of that size)")
     parser.add_argument("--skip-fps", action="store_true", help="parameters and GFLOPs only")
     parser.add_argument("--skip-flops", action="store_true",
                         help="no FLOP count (the trace on the CPU takes a while): parameters and speed only")
+    parser.add_argument("--compare-plain", action="store_true",
+                        help="also time the plain float32 path in the same run: speed-up, machine, share of peak")
+    parser.add_argument("--peak-gflops", type=float, default=None,
+                        help="the device's peak (multiply-adds per second, in G) for --compare-plain's share")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per batch size")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs before them")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -128,10 +144,7 @@ def all_configs() -> List[Path]:
 
 def build_benchmark_model(config_file: Path, opts: Sequence[str], num_classes: Optional[int]):
     """(config, the config's model on the CPU with random weights, in eval mode)."""
-    cfg = get_cfg()
-    add_sparse_detr_config(cfg)
-    cfg.merge_from_file(str(config_file))
-    cfg.merge_from_list(list(opts))
+    cfg = load_config(str(config_file), opts)
     if num_classes is not None:
         cfg.MODEL.SPARSE_DETR.NUM_CLASSES = num_classes
     cfg.MODEL.DEVICE = "cpu"
@@ -141,8 +154,20 @@ def build_benchmark_model(config_file: Path, opts: Sequence[str], num_classes: O
     return cfg, build_model(cfg).eval()
 
 
-def trainable_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def trainable_parameters(model: torch.nn.Module, exclude: Sequence[str] = ()) -> int:
+    """Trainable parameters, without those whose names start with one of ``exclude``."""
+    exclude = tuple(exclude)
+    return sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and not name.startswith(exclude))
+
+
+def encoder_auxiliary_heads(model: torch.nn.Module) -> List[str]:
+    """Name prefixes of Sparse DETR's encoder auxiliary heads (after the decoder's and the two-stage head)."""
+    transformer = model.transformer
+    if not transformer.use_enc_aux_loss:
+        return []
+    first = transformer.num_decoder_layers + int(transformer.two_stage)
+    return [f"transformer.{kind}.{i}." for kind in ("class_embed", "bbox_embed")
+            for i in range(first, len(transformer.class_embed))]
 
 
 def random_image(height: int, width: int, seed: int) -> torch.Tensor:
@@ -243,17 +268,68 @@ def timed_runs(run, device: torch.device, warmup: int, repeats: int, desc: Optio
     return seconds
 
 
+def _batch(image: torch.Tensor, batch_size: int) -> List[Dict]:
+    height, width = image.shape[-2:]
+    return [{"image": image, "height": height, "width": width} for _ in range(batch_size)]
+
+
 @torch.no_grad()
 def measure_speed(model: torch.nn.Module, image: torch.Tensor, batch_size: int, warmup: int, repeats: int,
                   dtype: str = "fp32", desc: str = "", clock=time.perf_counter) -> Speed:
     """Time ``model(batched_inputs)`` on ``batch_size`` copies of ``image`` (already on the model's device)."""
     device = image.device
-    height, width = image.shape[-2:]
-    batched_inputs = [{"image": image, "height": height, "width": width} for _ in range(batch_size)]
     with peak_memory(device) as memory, precision(device, dtype):
-        seconds = timed_runs(partial(model, batched_inputs), device, warmup, repeats, desc or f"batch {batch_size}",
-                             clock)
+        seconds = timed_runs(partial(model, _batch(image, batch_size)), device, warmup, repeats,
+                             desc or f"batch {batch_size}", clock)
     return Speed(batch_size, seconds, memory["mb"])
+
+
+@torch.no_grad()
+def compare_speeds(models: Dict[str, torch.nn.Module], image: torch.Tensor, batch_size: int, warmup: int,
+                   repeats: int, desc: str = "", clock=time.perf_counter) -> Dict[str, Speed]:
+    """Time several models on the same batch, taking turns run by run (a busy spell slows all alike)."""
+    device, batched_inputs = image.device, _batch(image, batch_size)
+    seconds = {name: [] for name in models}
+    for step in tqdm(range(warmup + repeats), desc=desc, leave=False, file=sys.stderr):
+        for name, model in models.items():
+            run = timed_runs(partial(model, batched_inputs), device, 0, 1, clock=clock)
+            if step >= warmup:
+                seconds[name] += run
+    return {name: Speed(batch_size, s, None) for name, s in seconds.items()}
+
+
+def cpu_description() -> Dict:
+    """Model name, clock and the vector/matrix units of this machine's CPU (Linux /proc/cpuinfo)."""
+    info = {"model": "unknown CPU", "mhz": None, "flags": set()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key == "model name":
+                    info["model"] = value
+                elif key == "cpu MHz" and info["mhz"] is None:
+                    info["mhz"] = float(value)
+                elif key == "flags":
+                    info["flags"] = set(value.split())
+                if key == "" and info["flags"]:
+                    break
+    except OSError:
+        pass
+    flags = info.pop("flags")
+    info.update(native_bf16=has_native_bf16(), amx_bf16="amx_bf16" in flags, avx512_bf16="avx512_bf16" in flags,
+                avx512f="avx512f" in flags, avx2_fma="avx2" in flags and "fma" in flags)
+    return info
+
+
+def cpu_peak_gflops(cpu: Dict, dtype: torch.dtype, threads: int) -> Optional[float]:
+    """Peak multiply-adds per second (G) of ``threads`` cores in ``dtype``; None when unknown (see the docstring)."""
+    if cpu["mhz"] is None:
+        return None
+    if dtype == torch.bfloat16:
+        per_cycle = 512 if cpu["amx_bf16"] else 64 if cpu["avx512_bf16"] else None
+    else:
+        per_cycle = 32 if cpu["avx512f"] else 16 if cpu["avx2_fma"] else None
+    return None if per_cycle is None else threads * cpu["mhz"] * 1e-3 * per_cycle
 
 
 # ---- one config ----------------------------------------------------------------------------------------
@@ -275,7 +351,9 @@ def benchmark_config(config_file: Path, args) -> Dict:
         "dtype": args.dtype,
         "image_size": [height, width],
         "num_classes": cfg.MODEL.SPARSE_DETR.NUM_CLASSES,
+        "class_columns": model.transformer.class_embed[0].out_features,
         "params_m": trainable_parameters(model) / 1e6,
+        "params_paper_m": trainable_parameters(model, encoder_auxiliary_heads(model)) / 1e6,
         "gflops": None if flops is None else flops.total / 1e9,
         "gflops_with_sampling": None if flops is None else flops.total_with_sampling / 1e9,
         "fps": None, "fps_iqr": None, "b4fps": None, "b4fps_iqr": None, "peak_mem_mb": None,
@@ -285,9 +363,19 @@ def benchmark_config(config_file: Path, args) -> Dict:
         device = torch.device(args.device)
         model.to(device)
         image = image.to(device)
+        path_dtype = inference_precision(cfg.TEST.PRECISION, device)
+        timed = FastInferenceModel(model, path_dtype) if cfg.TEST.FAST_INFERENCE else model
+        result["inference_path"] = f"fast, {str(path_dtype).split('.')[-1]}" if cfg.TEST.FAST_INFERENCE else "plain"
         for batch_size in args.batch_sizes:
-            speed = measure_speed(model, image, batch_size, args.warmup, args.repeats, args.dtype,
-                                  desc=f"{config_file.stem} batch {batch_size}", clock=CLOCKS[args.clock])
+            label = f"{config_file.stem} batch {batch_size}"
+            if args.compare_plain:
+                speeds = compare_speeds({"timed": timed, "plain": model}, image, batch_size, args.warmup,
+                                        args.repeats, desc=label, clock=CLOCKS[args.clock])
+                speed, plain = speeds["timed"], speeds["plain"]
+                result.setdefault("plain_fps_by_batch_size", {})[str(batch_size)] = plain.fps
+            else:
+                speed = measure_speed(timed, image, batch_size, args.warmup, args.repeats, args.dtype, desc=label,
+                                      clock=CLOCKS[args.clock])
             logger.info("%s batch %d: median %.1f ms, %.2f img/s (IQR %.2f-%.2f), peak memory %s MB",
                         config_file.name, batch_size, 1e3 * statistics.median(speed.seconds), speed.fps,
                         *speed.fps_iqr, "n/a" if speed.peak_mem_mb is None else f"{speed.peak_mem_mb:.0f}")
@@ -297,6 +385,16 @@ def benchmark_config(config_file: Path, args) -> Dict:
                 result.update(fps=speed.fps, fps_iqr=speed.fps_iqr, peak_mem_mb=speed.peak_mem_mb)
             elif batch_size == 4:
                 result.update(b4fps=speed.fps, b4fps_iqr=speed.fps_iqr)
+        if args.compare_plain:
+            plain_fps = result["plain_fps_by_batch_size"]
+            first = str(args.batch_sizes[0])
+            cpu = cpu_description() if device.type == "cpu" else None
+            peak = args.peak_gflops or (cpu_peak_gflops(cpu, path_dtype, torch.get_num_threads()) if cpu else None)
+            achieved = None if flops is None else result["gflops"] * result["fps_by_batch_size"][first]
+            result.update(plain_fps=plain_fps.get("1"), plain_b4fps=plain_fps.get("4"),
+                          speedup=result["fps_by_batch_size"][first] / plain_fps[first], cpu=cpu,
+                          achieved_gflops_per_s=achieved, peak_gflops_per_s=peak,
+                          share_of_peak=None if peak is None or achieved is None else achieved / peak)
     return result
 
 
@@ -308,21 +406,41 @@ def _fmt(value, spec: str = ".1f", iqr=None) -> str:
 
 
 def markdown_table(results: List[Dict]) -> str:
-    lines = ["| config | #params (M) | GFLOPs | GFLOPs incl. sampling weighting | FPS (IQR) | B4FPS (IQR) "
-             "| peak memory (MB) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| config | #params (M), paper | #params (M), all | GFLOPs | GFLOPs incl. sampling weighting "
+             "| FPS (IQR) | B4FPS (IQR) | peak memory (MB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['config']} | error: {r['error']} | | | | | |")
+            lines.append(f"| {r['config']} | error: {r['error']} | | | | | | |")
             continue
-        lines.append(f"| {r['config']} | {r['params_m']:.1f} | {_fmt(r['gflops'])} | {_fmt(r['gflops_with_sampling'])} "
+        lines.append(f"| {r['config']} | {r['params_paper_m']:.1f} | {r['params_m']:.1f} | {_fmt(r['gflops'])} "
+                     f"| {_fmt(r['gflops_with_sampling'])} "
                      f"| {_fmt(r['fps'], '.3g', r['fps_iqr'])} | {_fmt(r['b4fps'], '.3g', r['b4fps_iqr'])} "
                      f"| {_fmt(r['peak_mem_mb'], '.0f')} |")
     first = next((r for r in results if "error" not in r), None)
     if first is not None:
         lines.append("")
-        lines.append(f"Image {first['image_size'][0]}x{first['image_size'][1]}, {first['num_classes']} classes, "
+        lines.append(f"Image {first['image_size'][0]}x{first['image_size'][1]}, {first['num_classes']} classes "
+                     f"({first['class_columns']} class columns), "
                      f"{first['device_name']}, {first['dtype']}.")
+    return "\n".join(lines)
+
+
+def comparison_table(results: List[Dict]) -> str:
+    """--compare-plain: the fast path against the plain float32 path, and the gap to the machine's peak."""
+    lines = ["| config | plain float32 (ms) | fast path (ms) | speed-up | fast path | GFLOPs | achieved GFLOP/s "
+             "| peak GFLOP/s | share of peak |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for r in results:
+        if "error" in r or r.get("speedup") is None:
+            continue
+        lines.append(f"| {r['config']} | {1e3 / r['plain_fps']:.0f} | {1e3 / r['fps']:.0f} | {r['speedup']:.2f}x "
+                     f"| {r['inference_path']} | {_fmt(r['gflops'])} | {_fmt(r['achieved_gflops_per_s'], '.0f')} "
+                     f"| {_fmt(r['peak_gflops_per_s'], '.0f')} | {_fmt(r['share_of_peak'], '.0%')} |")
+    cpu = next((r["cpu"] for r in results if r.get("cpu")), None)
+    if cpu is not None:
+        lines += ["", f"{cpu['model']} at {cpu['mhz']} MHz, {torch.get_num_threads()} threads; native bf16: "
+                      f"{'yes' if cpu['native_bf16'] else 'no'} (amx_bf16 {cpu['amx_bf16']}, avx512_bf16 "
+                      f"{cpu['avx512_bf16']}). Batch 1; GFLOPs as fvcore counts them (a multiply-add is one)."]
     return "\n".join(lines)
 
 
@@ -444,13 +562,27 @@ def device_name(device: str, clock: str = "wall") -> str:
 # ---- entry point ---------------------------------------------------------------------------------------
 
 
-def main(argv: Optional[Sequence[str]] = None):
+def check_arguments(args) -> None:
+    """Sizes, counts and device choices that cannot work, as a ValueError naming the option."""
+    if min(args.image_size) < 1:
+        raise ValueError("--image-size takes a positive height and width, got {} {}".format(*args.image_size))
+    for option, values in (("--batch-sizes", args.batch_sizes), ("--repeats", [args.repeats]),
+                           ("--scaling-sizes", args.scaling_sizes), ("--scaling-repeats", [args.scaling_repeats])):
+        if min(values) < 1:
+            raise ValueError(f"{option} must be at least 1, got {min(values)}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available")
+    if args.clock == "cpu" and args.device != "cpu":
+        raise ValueError("--clock cpu times CPU runs only")
+
+
+@reports_user_errors
+def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available")
-    if args.clock == "cpu" and args.device != "cpu":
-        raise SystemExit("--clock cpu times CPU runs only")
+    check_arguments(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     configs = [resolve_config(c) for c in args.config_file]
@@ -461,7 +593,7 @@ def main(argv: Optional[Sequence[str]] = None):
         plot_scaling(rows, Path(args.plot), name)
         logger.info("wrote %s", args.plot)
         print(json.dumps({"scaling": rows}) if args.json else scaling_table(rows, name))
-        return
+        return 0
 
     if args.all:
         results = []
@@ -471,14 +603,19 @@ def main(argv: Optional[Sequence[str]] = None):
             except Exception as e:  # one broken config should not lose the others' rows
                 logger.exception("%s failed", config_file.name)
                 results.append({"config": config_file.name, "error": f"{type(e).__name__}: {e}"})
-        print(json.dumps({r["config"]: r for r in results}) if args.json else markdown_table(results))
-        return
+        print(json.dumps({r["config"]: r for r in results}) if args.json else render_tables(results, args))
+        return 0
 
     if len(configs) != 1:
-        raise SystemExit("give one --config-file (or --all / --scaling for several)")
+        raise ValueError("give one --config-file (or --all / --scaling for several)")
     result = benchmark_config(configs[0], args)
-    print(json.dumps(result) if args.json else markdown_table([result]))
+    print(json.dumps(result) if args.json else render_tables([result], args))
+    return 0
+
+
+def render_tables(results: List[Dict], args) -> str:
+    return markdown_table(results) + ("\n\n" + comparison_table(results) if args.compare_plain else "")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

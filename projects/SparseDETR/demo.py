@@ -6,30 +6,41 @@
     ... --input some/folder --show-kept-tokens      # also draw the tokens the sparse encoder updated
     ... --video-input clip.mp4 --output out.mp4
     ... --webcam
+    # a model exported by export.py, run with ONNX Runtime (no config: the file has what the demo needs)
+    python projects/SparseDETR/demo.py --onnx sparse_detr_r50_rho0.1_800x1216.onnx --input photos/ --output out/
 
 The model always returns its top 100 detections; the demo keeps those above --confidence-threshold.
+An ONNX model has a fixed input size: each image is resized to fit it (aspect kept) and padded with the
+pixel mean at the bottom and right, and the boxes are mapped back to the image (see OnnxPredictor).
 """
 import argparse
 import glob
+import json
 import logging
 import os
 import sys
 import time
+from typing import NamedTuple, Optional
 
+import sparse_detr  # noqa: F401  (first: silences known-harmless warnings of the imports below)
 import cv2
 import numpy as np
 import torch
 import tqdm
 
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
+from detectron2.data.catalog import Metadata
 from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-import sparse_detr
 from sparse_detr.checkpoint import SparseDETRCheckpointer
+from sparse_detr.cli import check_weights_file, load_config, reports_user_errors
+from sparse_detr.deploy import INPUT_NAME, OUTPUT_NAMES
+from sparse_detr.inference import build_inference_model
+from sparse_detr.transformer import TransformerOutput
 from sparse_detr.visualization import draw_kept_tokens, kept_token_masks
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -37,21 +48,30 @@ logger = logging.getLogger("sparse_detr.demo")
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    sparse_detr.add_sparse_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
+    check_weights_file(cfg.MODEL.WEIGHTS)
     cfg.freeze()
     return cfg
+
+
+class Prediction(NamedTuple):
+    instances: Instances  # the detections above the threshold, on the CPU
+    best_score: float  # the highest score of all the model's detections (-inf when it returned none)
+    output: Optional[TransformerOutput]  # the model's raw output (None from an exported model)
+    resized: np.ndarray  # the RGB input the model saw, resized like the test loader does
 
 
 class Predictor:
     """Resize like the test loader, run the model once, keep detections above the threshold."""
 
     def __init__(self, cfg, confidence_threshold: float):
-        self.model = build_model(cfg).eval()
+        model = build_model(cfg).eval()
         if cfg.MODEL.WEIGHTS:
-            SparseDETRCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+            SparseDETRCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        else:
+            logger.warning("no MODEL.WEIGHTS: the model is untrained (random weights) and its detections mean nothing; "
+                           "give a checkpoint with --opts MODEL.WEIGHTS model.pth")
+        self.model = build_inference_model(cfg, model)  # TEST.FAST_INFERENCE, TEST.PRECISION
         self.resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
         self.threshold = confidence_threshold
@@ -59,29 +79,107 @@ class Predictor:
         self.metadata = MetadataCatalog.get(names)
 
     @torch.no_grad()
-    def __call__(self, image_bgr: np.ndarray):
-        """Returns (instances above the threshold, the model's raw output, the resized RGB input)."""
+    def __call__(self, image_bgr: np.ndarray, name: str = "the image") -> Prediction:
         rgb = image_bgr[:, :, ::-1]
-        resized = self.resize.get_transform(rgb).apply_image(rgb)
+        resize = self.resize.get_transform(rgb)
+        if min(resize.new_h, resize.new_w) < 1:
+            raise ValueError(f"{name}: the {resize.h}x{resize.w} image has a zero side once resized to the test size "
+                             f"(INPUT.MIN_SIZE_TEST, MAX_SIZE_TEST): {resize.new_h}x{resize.new_w}; it is too thin")
+        resized = resize.apply_image(rgb)
         model_input = resized if self.input_format == "RGB" else resized[:, :, ::-1]
         tensor = torch.as_tensor(np.ascontiguousarray(model_input.transpose(2, 0, 1)), dtype=torch.float32)
         inputs = [{"image": tensor, "height": image_bgr.shape[0], "width": image_bgr.shape[1]}]
         out = self.model.predict(inputs)
         instances = self.model.postprocess(out, inputs)[0]["instances"].to("cpu")
-        return instances[instances.scores >= self.threshold], out, resized
+        best = float(instances.scores.max()) if len(instances) else float("-inf")
+        return Prediction(instances[instances.scores >= self.threshold], best, out, resized)
 
 
-def render(predictor: Predictor, image_bgr: np.ndarray, show_kept_tokens: bool) -> np.ndarray:
+class OnnxPredictor:
+    """An exported model (``export.py --format onnx``) in ONNX Runtime, on images of any size.
+
+    The graph takes one fixed H x W. Each image is resized by the largest factor that fits it in H x W, keeping
+    its aspect (bilinear, as the test loader resizes), and padded at the bottom and right with the pixel mean,
+    which the graph's normalisation turns into 0, the value Detectron2 pads with; unlike Detectron2's padding,
+    these pixels are not masked (the graph has no padding mask), so detections near a large pad can differ a
+    little from the PyTorch model's. Boxes are scaled back to the image and clipped, as detector_postprocess does.
+    """
+
+    def __init__(self, onnx_path: str, confidence_threshold: Optional[float]):
+        import onnxruntime
+
+        if not os.path.isfile(onnx_path):
+            raise FileNotFoundError(f"--onnx {onnx_path!r}: no such file")
+        try:
+            self.session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ONNX Runtime raises its own exception types for unreadable or invalid files
+            raise ValueError(f"--onnx {onnx_path!r}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+        self.height, self.width = self._check_signature(onnx_path)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "sparse_detr.pixel_mean" not in meta:
+            logger.warning("%s has no sparse_detr.pixel_mean metadata: padding with the ImageNet mean", onnx_path)
+        self.pixel_mean = np.array(json.loads(meta.get("sparse_detr.pixel_mean", "[123.675, 116.28, 103.53]")),
+                                   dtype=np.float32)
+        self.metadata = Metadata(name=os.path.basename(onnx_path))
+        names = json.loads(meta.get("sparse_detr.thing_classes", "null"))
+        if names:
+            self.metadata.set(thing_classes=names)
+        self.threshold = confidence_threshold if confidence_threshold is not None else float(
+            meta.get("sparse_detr.confidence_threshold", 0.5))
+
+    def _check_signature(self, onnx_path: str):
+        """(H, W) of the model's input; a ValueError when the file is not a fixed-size export.py model."""
+        inputs = self.session.get_inputs()
+        outputs = {o.name for o in self.session.get_outputs()}
+        if len(inputs) != 1 or inputs[0].name != INPUT_NAME or not outputs >= set(OUTPUT_NAMES):
+            raise ValueError(f"--onnx {onnx_path!r} takes {[i.name for i in inputs]} and returns {sorted(outputs)}: "
+                             f"not a model of export.py ({INPUT_NAME!r} -> {', '.join(OUTPUT_NAMES)})")
+        shape = inputs[0].shape
+        if len(shape) != 4 or not all(isinstance(d, int) for d in shape) or shape[1] != 3:
+            raise ValueError(f"--onnx {onnx_path!r}: input {INPUT_NAME!r} has the shape {shape}, expected a fixed "
+                             "(B, 3, H, W)")
+        if shape[0] != 1:
+            raise ValueError(f"--onnx {onnx_path!r} takes a batch of {shape[0]} images; the demo runs one image at "
+                             "a time: export it with --batch 1")
+        return shape[2], shape[3]
+
+    def __call__(self, image_bgr: np.ndarray, name: str = "the image") -> Prediction:
+        rgb = image_bgr[:, :, ::-1]
+        h, w = rgb.shape[:2]
+        scale = min(self.height / h, self.width / w)
+        new_h, new_w = min(self.height, max(1, round(h * scale))), min(self.width, max(1, round(w * scale)))
+        resized = T.ResizeTransform(h, w, new_h, new_w).apply_image(np.ascontiguousarray(rgb))
+        canvas = np.empty((self.height, self.width, 3), dtype=np.float32)
+        canvas[:] = self.pixel_mean
+        canvas[:new_h, :new_w] = resized
+        scores, labels, boxes = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: canvas.transpose(2, 0, 1)[None]})
+        instances = Instances((h, w))
+        instances.pred_boxes = Boxes(torch.from_numpy(boxes[0]))
+        instances.pred_boxes.scale(w / new_w, h / new_h)
+        instances.pred_boxes.clip((h, w))
+        instances.scores = torch.from_numpy(scores[0])
+        instances.pred_classes = torch.from_numpy(labels[0])
+        instances = instances[instances.pred_boxes.nonempty()]
+        best = float(instances.scores.max()) if len(instances) else float("-inf")
+        return Prediction(instances[instances.scores >= self.threshold], best, None, resized)
+
+
+def render(predictor: "Predictor | OnnxPredictor", image_bgr: np.ndarray, show_kept_tokens: bool,
+           name: str = "the image") -> np.ndarray:
     """Visualizer drawing (RGB), with the kept-token panels below it when asked."""
-    instances, out, resized = predictor(image_bgr)
+    prediction = predictor(image_bgr, name)
+    if not len(prediction.instances):
+        logger.info("%s: no detection reaches --confidence-threshold %g (the highest score is %.3f)", name,
+                    predictor.threshold, prediction.best_score)
     rgb = image_bgr[:, :, ::-1]
-    drawn = Visualizer(rgb, predictor.metadata, instance_mode=ColorMode.IMAGE).draw_instance_predictions(instances)
-    picture = drawn.get_image()
+    drawn = Visualizer(rgb, predictor.metadata, instance_mode=ColorMode.IMAGE)
+    picture = drawn.draw_instance_predictions(prediction.instances).get_image()
     if show_kept_tokens:
+        out = prediction.output
         if out.kept_tokens is None:
             logger.warning("--show-kept-tokens: this model keeps every token (RHO = 0); nothing to show")
         else:
-            panels = draw_kept_tokens(resized, kept_token_masks(out, 0), out.image_sizes[0])
+            panels = draw_kept_tokens(prediction.resized, kept_token_masks(out, 0), out.image_sizes[0])
             scale = picture.shape[1] / panels.shape[1]
             panels = cv2.resize(panels, (picture.shape[1], max(1, round(panels.shape[0] * scale))))
             picture = np.concatenate([picture, panels], axis=0)
@@ -92,7 +190,10 @@ def image_paths(inputs):
     paths = []
     for item in inputs:
         if os.path.isdir(item):
-            paths += sorted(p for p in glob.glob(os.path.join(item, "*")) if p.lower().endswith(IMAGE_EXTENSIONS))
+            images = sorted(p for p in glob.glob(os.path.join(item, "*")) if p.lower().endswith(IMAGE_EXTENSIONS))
+            if not images:
+                raise FileNotFoundError(f"--input {item!r}: the folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+            paths += images
         else:
             matches = sorted(glob.glob(os.path.expanduser(item)))
             if not matches:
@@ -109,16 +210,21 @@ def run_images(predictor, args):
             logger.warning("skipping %s: not a readable image", path)
             continue
         start = time.perf_counter()
-        picture = render(predictor, image, args.show_kept_tokens)
+        picture = render(predictor, image, args.show_kept_tokens, path)
         logger.info("%s: %.2fs", path, time.perf_counter() - start)
         if args.output:
             target = args.output
-            if os.path.isdir(args.output) or len(paths) > 1:
+            # a folder: an existing one, "out/", or for several images any name
+            if os.path.isdir(args.output) or args.output.endswith(("/", os.sep)) or len(paths) > 1:
                 os.makedirs(args.output, exist_ok=True)
                 target = os.path.join(args.output, os.path.basename(path))
             os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-            if not cv2.imwrite(target, picture[:, :, ::-1]):
-                raise ValueError(f"could not write {target!r} (unknown image extension?)")
+            try:
+                written = cv2.imwrite(target, picture[:, :, ::-1])
+            except cv2.error:  # no writer for the file's extension
+                written = False
+            if not written:
+                raise ValueError(f"could not write {target!r}: give a folder (out/) or a file with an image extension")
         else:
             cv2.imshow("Sparse DETR", picture[:, :, ::-1])
             if cv2.waitKey(0) == 27:
@@ -136,7 +242,7 @@ def run_video(predictor, args):
         ok, frame = capture.read()
         if not ok:
             break
-        picture = render(predictor, frame, args.show_kept_tokens)[:, :, ::-1]
+        picture = render(predictor, frame, args.show_kept_tokens, "the frame")[:, :, ::-1]
         if args.output:
             if writer is None:
                 fps = capture.get(cv2.CAP_PROP_FPS) or 15.0
@@ -154,33 +260,46 @@ def run_video(predictor, args):
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--config-file", metavar="FILE")
+    model.add_argument("--onnx", metavar="FILE", help="a model exported by export.py --format onnx, run with ONNX "
+                                                      "Runtime (images resized and padded to its input size)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="images, glob patterns or folders")
     source.add_argument("--video-input", help="a video file")
     source.add_argument("--webcam", action="store_true", help="the first webcam")
     parser.add_argument("--output", help="file or folder for the pictures (a video file for --video-input); "
                                          "without it, pictures are shown in a window")
-    parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    parser.add_argument("--confidence-threshold", type=float, default=None,
+                        help="a score in [0, 1]; default: the config's TEST.CONFIDENCE_THRESHOLD (0.5 for --onnx "
+                             "models without one in their metadata)")
     parser.add_argument("--show-kept-tokens", action="store_true",
                         help="draw the tokens the sparse encoder updated on each level below the detections")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return parser
 
 
-def main(argv=None):
+@reports_user_errors
+def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     setup_logger(name="sparse_detr")
-    try:
+    if args.confidence_threshold is not None and not 0.0 <= args.confidence_threshold <= 1.0:
+        raise ValueError(f"--confidence-threshold is a score in [0, 1], got {args.confidence_threshold}")
+    if args.onnx:
+        if args.show_kept_tokens:
+            raise ValueError("--show-kept-tokens needs the PyTorch model (--config-file): an exported graph "
+                             "returns detections only")
+        if args.opts:
+            raise ValueError("--opts overrides a config: an --onnx model has none")
+        predictor = OnnxPredictor(args.onnx, args.confidence_threshold)
+    else:
         cfg = setup_cfg(args)
-        predictor = Predictor(cfg, args.confidence_threshold)
-        if args.input:
-            run_images(predictor, args)
-        else:
-            run_video(predictor, args)
-    except (KeyError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+        threshold = cfg.TEST.CONFIDENCE_THRESHOLD if args.confidence_threshold is None else args.confidence_threshold
+        predictor = Predictor(cfg, threshold)
+    if args.input:
+        run_images(predictor, args)
+    else:
+        run_video(predictor, args)
     return 0
 
 

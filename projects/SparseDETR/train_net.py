@@ -9,22 +9,24 @@ import logging
 import os
 import weakref
 
+import sparse_detr  # noqa: F401  (first: silences known-harmless warnings of the imports below)
 import torch
 
-from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, build_detection_test_loader
-from detectron2.data import DatasetMapper
+from detectron2.data import DatasetCatalog
 from detectron2.engine import (DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, default_argument_parser,
-                               default_setup, default_writers, launch)
+                               default_setup, default_writers)
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
-import sparse_detr
 from sparse_detr.checkpoint import SparseDETRCheckpointer
+from sparse_detr.cli import (USER_ERRORS, check_weights_file, launch_reporting_user_errors, load_config,
+                             make_output_dir, report_user_error)
 from sparse_detr.dataset_mapper import DetrDatasetMapper
-from sparse_detr.datasets import check_dataset_files, check_num_classes, load_train_dicts
-from sparse_detr.engine import MixedPrecisionTrainer, ResumableTrainLoader, StepSeedHook
+from sparse_detr.datasets import build_test_loader, check_dataset_files, check_num_classes, load_train_dicts
+from sparse_detr.engine import MixedPrecisionTrainer, ResumableTrainLoader, StepSeedHook, UnreadableImagesReport
 from sparse_detr.evaluation import DAMRecallEvaluator
+from sparse_detr.inference import build_inference_model
 from sparse_detr.solver import apply_epoch_schedule, build_optimizer
 
 logger = logging.getLogger("sparse_detr")
@@ -49,7 +51,8 @@ class Trainer(DefaultTrainer):
         else:
             self._trainer = SimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = SparseDETRCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = SparseDETRCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+                                                   reinit_class_heads=cfg.MODEL.SPARSE_DETR.REINIT_CLASS_HEADS)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -60,12 +63,15 @@ class Trainer(DefaultTrainer):
         self._trainer.data_loader.start_iter = self.start_iter
 
     def build_hooks(self):
-        return [StepSeedHook(self.cfg.SEED, comm.get_rank())] + super().build_hooks()
+        return [StepSeedHook(self.cfg.SEED, comm.get_rank()),
+                UnreadableImagesReport(self._trainer.data_loader)] + super().build_hooks()
 
     def build_writers(self):
         try:
             import torch.utils.tensorboard  # noqa: F401
-        except ImportError:  # tensorboard is optional: console and metrics.json only
+        except ImportError:
+            logger.warning("tensorboard is not installed (pip install tensorboard): no TensorBoard event files, "
+                           "only the console and metrics.json")
             return default_writers(self.cfg.OUTPUT_DIR, self.max_iter)[:2]
         return default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
 
@@ -84,9 +90,12 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        check_dataset_files(dataset_name)
-        return build_detection_test_loader(cfg, dataset_name, mapper=DatasetMapper(cfg, is_train=False),
-                                           batch_size=cfg.TEST.IMS_PER_BATCH)
+        return build_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate on the fast inference path (TEST.FAST_INFERENCE, TEST.PRECISION)."""
+        return super().test(cfg, build_inference_model(cfg, model), evaluators)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -99,23 +108,16 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    """get_cfg -> add the Sparse DETR keys -> merge the file -> merge the command line -> freeze -> default_setup."""
-    cfg = get_cfg()
-    sparse_detr.add_sparse_detr_config(cfg)
-    if not os.path.isfile(args.config_file):
-        raise FileNotFoundError(f"config file {args.config_file!r} does not exist")
-    cfg.merge_from_file(args.config_file)
-    try:
-        cfg.merge_from_list(args.opts)
-    except AssertionError as e:  # yacs asserts on unknown keys and odd-length override lists
-        raise KeyError(str(e)) from None
-    weights = cfg.MODEL.WEIGHTS
-    if weights and "://" not in weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"MODEL.WEIGHTS file {weights!r} does not exist")
+    """The checked config (sparse_detr.cli.load_config) -> the epoch schedule -> freeze -> default_setup."""
+    cfg = load_config(args.config_file, args.opts, world_size=comm.get_world_size())
+    check_weights_file(cfg.MODEL.WEIGHTS)
+    make_output_dir(cfg.OUTPUT_DIR)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="sparse_detr")
+    for name in (() if args.eval_only else tuple(cfg.DATASETS.TRAIN)) + tuple(cfg.DATASETS.TEST):
+        check_dataset_files(name)  # now, rather than at the evaluation after a whole training run
     if cfg.SOLVER.EPOCHS > 0 and not args.eval_only:
-        for name in cfg.DATASETS.TRAIN:
-            check_dataset_files(name)
-        apply_epoch_schedule(cfg, sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN))
+        apply_epoch_schedule(cfg, sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN),
+                             command_line_keys=args.opts[0::2])
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -123,7 +125,6 @@ def setup(args):
 
 def main(args):
     # configuration and data errors (unknown key, missing file, wrong class count) end with one clear line
-    user_errors = (KeyError, FileNotFoundError, ValueError)
     try:
         cfg = setup(args)
         if args.eval_only:
@@ -133,15 +134,13 @@ def main(args):
             return Trainer.test(cfg, model)
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
-    except user_errors as e:
-        raise SystemExit(f"error: {e.args[0] if e.args else e}")
+    except USER_ERRORS as e:
+        raise SystemExit(report_user_error(e))
     return trainer.train()
 
 
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch_reporting_user_errors(main, default_argument_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Sparse DETR (ICLR'22) as a Detectron2 plugin. Importing this package registers the meta-architecture."""
+from . import known_warnings  # noqa: F401  (first: silences known-harmless warnings of the imports below)
 from . import data  # registers the generated demo datasets
 from .backbone import build_swin_backbone
 from .config import add_sparse_detr_config

@@ -8,8 +8,28 @@ def add_sparse_detr_config(cfg):
     """Add ``cfg.MODEL.SPARSE_DETR`` and the solver keys of the DETR recipe; defaults follow the paper."""
     cfg.MODEL.SPARSE_DETR = CN()
     sd = cfg.MODEL.SPARSE_DETR
-    # Classes of the classification head (80 for COCO in Detectron2's contiguous ids).
+    # Classes of the dataset (80 for COCO): the model reports them as Detectron2's contiguous ids 0 .. K-1.
     sd.NUM_CLASSES = 80
+    # Layout of the class heads' columns (the classification logits inside the model):
+    # * "contiguous": NUM_CLASSES columns, column k = contiguous class k (the default for own datasets);
+    # * "dataset_ids": one column per category id of the dataset, 0 .. max id, column i = category id i,
+    #   the ids taken from the metadata of DATASETS.TRAIN[0] (else TEST[0]): thing_dataset_id_to_contiguous_id.
+    #   For COCO these are the authors' 91 columns (ids 0 .. 90, 80 of them used), with which their
+    #   released models were trained. Every column takes part inside the model (two-stage objectness and
+    #   query selection, every loss); detections are the top NUM_DETECTIONS (query, class) pairs over the
+    #   columns of the dataset's classes, reported as contiguous ids. When the metadata has no id mapping or
+    #   maps another number of classes than NUM_CLASSES, the layout falls back to "contiguous" (with a warning).
+    sd.CLASS_COLUMNS = "contiguous"
+    # An image's detections independent of the batch it is in (of the padding to the batch's largest image):
+    # the backbone runs on each image at its own size (its maps padded with zeros afterwards), the input
+    # projections' GroupNorm and the scoring network's global context take only the image's unpadded
+    # positions, and padded tokens never become two-stage queries. The authors' model (False) computes
+    # all of these over the padded batch, so its outputs change slightly with the batch; the demo model,
+    # whose backbone is trained from scratch with GroupNorm, uses True. It gives up batching in the backbone.
+    sd.PADDING_INVARIANT = False
+    # Fine-tuning on another dataset: class heads whose size differs from the checkpoint's (MODEL.WEIGHTS)
+    # keep their fresh initialisation instead of being an error; everything else is loaded.
+    sd.REINIT_CLASS_HEADS = False
     # Object queries of the decoder (and top-k proposals of the two-stage head), N in the paper.
     sd.NUM_QUERIES = 300
     # Transformer width d and attention heads M.
@@ -89,6 +109,18 @@ def add_sparse_detr_config(cfg):
     # In evaluation a sparse model (RHO > 0) also reports the DAM recall: the share of the decoder
     # attention map's mass on the tokens the encoder updated, overall and per level. Costs one splat.
     cfg.TEST.DAM_RECALL = True
+    # The fast inference path of evaluation (--eval-only and periodic), demo.py and benchmark.py: batch norms
+    # folded into the convolutions, channels-last convolutions, no work that only training or analysis
+    # uses; the same detections (see sparse_detr/inference.py). False runs the model as it trains.
+    cfg.TEST.FAST_INFERENCE = True
+    # Precision of the fast path: "float32", "bfloat16" (convolutions and linear layers in bf16; sampling
+    # locations, attention softmax, box and class heads and the token scores that top-k ranks stay in
+    # float32), or "auto": bfloat16 on CPUs with native bf16 (AMX or AVX512-BF16), float32 elsewhere.
+    cfg.TEST.PRECISION = "auto"
+    # Score from which demo.py (its default --confidence-threshold) and the demo report draw detections;
+    # evaluation always takes the top NUM_DETECTIONS. 0.5 as in Detectron2's demo; a config may set the value
+    # its model is calibrated to (the demo report prints the F1-best threshold on the validation set).
+    cfg.TEST.CONFIDENCE_THRESHOLD = 0.5
 
     # Training schedule in epochs: with EPOCHS > 0, SOLVER.MAX_ITER and SOLVER.STEPS are derived from the
     # training set's size (EPOCHS x iterations an epoch, learning rate x GAMMA after each LR_DROP_EPOCHS).
@@ -96,5 +128,9 @@ def add_sparse_detr_config(cfg):
     cfg.SOLVER.LR_DROP_EPOCHS = [40]
     # Mixed precision (SOLVER.AMP.ENABLED): "float16" (with a gradient scaler) or "bfloat16".
     cfg.SOLVER.AMP.PRECISION = "float16"
+    # Datasets in COCO json to register under a name, so that DATASETS.TRAIN / DATASETS.TEST can use them
+    # without Python: a list of [name, json file, image folder] triples (paths relative to the current
+    # directory), e.g. [["my_train", "my/train.json", "my/images"], ["my_val", "my/val.json", "my/images"]].
+    cfg.DATASETS.COCO_JSON = []
     # The crop branch of the DETR augmentation first resizes the shorter side to one of these.
     cfg.INPUT.CROP_PRE_RESIZE = [400, 500, 600]

@@ -4,14 +4,16 @@
   from a seeded permutation per epoch and each image's augmentation is seeded by its position in the
   stream, so a run resumed at iteration ``i`` sees exactly the batches of an uninterrupted run.
 * :class:`StepSeedHook`: reseeds torch before every iteration (dropout, drop path), for the same reason.
+* :class:`UnreadableImagesReport`: after training, how many training images the loader skipped as unreadable.
 * :class:`MixedPrecisionTrainer`: ``torch.autocast`` on the model's device (CPU or CUDA) in float16, with a
   gradient scaler, or bfloat16.
 """
+import collections
 import itertools
 import logging
 import random
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -20,9 +22,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from detectron2.engine import HookBase, SimpleTrainer
 from detectron2.utils.events import get_event_storage
 
-__all__ = ["ResumableTrainLoader", "StepSeedHook", "MixedPrecisionTrainer", "stream_seed"]
+__all__ = ["ResumableTrainLoader", "StepSeedHook", "MixedPrecisionTrainer", "UnreadableImagesReport", "stream_seed"]
 
 logger = logging.getLogger(__name__)
+
+# key of a mapped dataset dict that lists the images skipped before it (taken out before the model sees it)
+SKIPPED_KEY = "_unreadable_images_skipped"
 
 
 def stream_seed(seed: int, *position: int) -> int:
@@ -53,7 +58,8 @@ class ResumableTrainLoader:
     Sample ``p`` of the global stream (``p = (iteration * world_size + rank) * batch_size + j``) is image
     ``perm_e[p mod n]`` of epoch ``e = p // n``, where ``perm_e`` is a permutation seeded by (seed, e); the
     mapper runs with numpy's and Python's global generators seeded by (seed, p). An image the mapper
-    cannot read (it returns None) is replaced by the next one of the permutation.
+    cannot read (it returns None) is replaced by the next one of the permutation; ``unreadable`` counts,
+    by file name, how often each was skipped in the batches this process has taken so far.
     """
 
     def __init__(self, dataset: List[Dict], mapper: Callable[[Dict], Optional[Dict]], *, batch_size: int,
@@ -64,6 +70,7 @@ class ResumableTrainLoader:
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.start_iter = 0
+        self.unreadable = collections.Counter()
         self._permutation_epoch, self._permutation = None, None
 
     def _index(self, position: int) -> int:
@@ -74,25 +81,34 @@ class ResumableTrainLoader:
         return int(self._permutation[offset])
 
     def sample(self, position: int) -> Dict:
+        skipped = []
         for attempt in range(len(self.dataset)):
             seed = stream_seed(self.seed, position, attempt)
             np.random.seed(seed)
             random.seed(seed)
-            mapped = self.mapper(dict(self.dataset[self._index(position + attempt)]))
+            record = self.dataset[self._index(position + attempt)]
+            mapped = self.mapper(dict(record))
             if mapped is not None:
+                if skipped:  # travels with the batch out of a worker process, to be counted in __iter__
+                    mapped[SKIPPED_KEY] = skipped
                 return mapped
+            skipped.append(record.get("file_name"))
         raise RuntimeError("no image of the training set could be read")
 
     def batch(self, iteration: int) -> List[Dict]:
         first = (iteration * self.world_size + self.rank) * self.batch_size
         return [self.sample(first + j) for j in range(self.batch_size)]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[List[Dict]]:
         if self.num_workers == 0:
-            return (self.batch(i) for i in itertools.count(self.start_iter))
-        # workers take iterations round-robin, and the DataLoader returns them in that same order
-        return iter(DataLoader(_BatchStream(self, self.start_iter), batch_size=None, num_workers=self.num_workers,
-                              collate_fn=_identity, persistent_workers=False))
+            batches = (self.batch(i) for i in itertools.count(self.start_iter))
+        else:  # workers take iterations round-robin, and the DataLoader returns them in that same order
+            batches = DataLoader(_BatchStream(self, self.start_iter), batch_size=None, num_workers=self.num_workers,
+                                 collate_fn=_identity, persistent_workers=False)
+        for batch in batches:
+            for mapped in batch:
+                self.unreadable.update(mapped.pop(SKIPPED_KEY, ()))
+            yield batch
 
 
 class StepSeedHook(HookBase):
@@ -103,6 +119,19 @@ class StepSeedHook(HookBase):
 
     def before_step(self):
         torch.manual_seed(stream_seed(self.seed, self.trainer.iter, self.rank))
+
+
+class UnreadableImagesReport(HookBase):
+    """After training, a warning with the number of training images that could not be read and were skipped."""
+
+    def __init__(self, loader: ResumableTrainLoader):
+        self.loader = loader
+
+    def after_train(self):
+        unreadable = self.loader.unreadable
+        if unreadable:
+            logger.warning("%d training image(s) could not be read and were skipped (%d skip(s) in all), e.g. %s",
+                           len(unreadable), sum(unreadable.values()), ", ".join(sorted(unreadable)[:3]))
 
 
 class MixedPrecisionTrainer(SimpleTrainer):

@@ -1,7 +1,7 @@
 """The optimizer of the DETR recipe: AdamW with per-module learning rates and clipping of the total gradient norm."""
 import logging
 import math
-from typing import Dict, List
+from typing import Collection, Dict, List
 
 import torch
 from torch import nn
@@ -74,12 +74,23 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     return optimizer_cls(groups, lr=base_lr, **kwargs)
 
 
-def apply_epoch_schedule(cfg, dataset_size: int) -> None:
-    """With ``SOLVER.EPOCHS > 0``, set MAX_ITER and STEPS (from SOLVER.LR_DROP_EPOCHS) in iterations."""
+def apply_epoch_schedule(cfg, dataset_size: int, command_line_keys: Collection[str] = ()) -> None:
+    """With ``SOLVER.EPOCHS > 0``, set MAX_ITER and STEPS (from SOLVER.LR_DROP_EPOCHS) in iterations, and log them.
+
+    ``SOLVER.MAX_ITER`` or ``SOLVER.STEPS`` in ``command_line_keys`` (given on the command line) keep their
+    value: a short run of a config with an epoch schedule is ``... SOLVER.MAX_ITER 5``.
+    """
     if cfg.SOLVER.EPOCHS <= 0:
         return
     iters_per_epoch = math.ceil(dataset_size / cfg.SOLVER.IMS_PER_BATCH)
-    cfg.SOLVER.MAX_ITER = int(cfg.SOLVER.EPOCHS * iters_per_epoch)
-    cfg.SOLVER.STEPS = tuple(int(e * iters_per_epoch) for e in cfg.SOLVER.LR_DROP_EPOCHS)
-    logger.info("%d images, %d iterations an epoch: MAX_ITER %d, STEPS %s", dataset_size, iters_per_epoch,
-                cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS)
+    derived = {"MAX_ITER": int(cfg.SOLVER.EPOCHS * iters_per_epoch),
+               "STEPS": tuple(int(e * iters_per_epoch) for e in cfg.SOLVER.LR_DROP_EPOCHS)}
+    schedule = []
+    for key, value in derived.items():
+        if f"SOLVER.{key}" in command_line_keys:
+            schedule.append(f"{key} {cfg.SOLVER[key]} (from the command line; the epochs give {value})")
+        else:
+            cfg.SOLVER[key] = value
+            schedule.append(f"{key} {value}")
+    logger.info("SOLVER.EPOCHS %g of %d images, %d iterations an epoch: %s", cfg.SOLVER.EPOCHS, dataset_size,
+                iters_per_epoch, ", ".join(schedule))

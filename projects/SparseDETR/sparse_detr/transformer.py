@@ -11,18 +11,27 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import MSDeformAttn
 
-__all__ = ["SparseDeformableTransformer", "TransformerOutput", "FlatFeatures", "inverse_sigmoid"]
+__all__ = ["SparseDeformableTransformer", "TransformerOutput", "FlatFeatures", "inverse_sigmoid", "kept_token_count"]
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def kept_token_count(valid_tokens: int, rho: float) -> int:
+    """n = floor(rho * valid tokens) + 1, the tokens the sparse encoder updates, in float32 like the authors' code.
+
+    A host int, so a model traced or exported for one input size has it as a constant.
+    """
+    return int(np.floor(np.float32(valid_tokens) * np.float32(rho))) + 1
 
 
 def sine_box_embedding(boxes_unact: Tensor, num_feats: int, temperature: float = 10000.0) -> Tensor:
@@ -67,11 +76,16 @@ class TokenScorer(nn.Module):
         self.layer2 = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
                                     nn.Linear(dim // 4, 1))
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """(N, S, C) -> (N, S) logits."""
+    def forward(self, tokens: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """(N, S, C) -> (N, S) logits; the global context averages all tokens, or the ``valid`` ones (N, S)."""
         z = self.layer1(tokens)
         local, global_ = z.split(z.shape[-1] // 2, dim=-1)
-        global_ = global_.mean(dim=1, keepdim=True).expand_as(local)
+        if valid is None:
+            global_ = global_.mean(dim=1, keepdim=True)
+        else:
+            weights = valid.to(global_.dtype)[..., None]
+            global_ = (global_ * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
+        global_ = global_.expand_as(local)
         return self.layer2(torch.cat([local, global_], dim=-1)).squeeze(-1)
 
 
@@ -126,17 +140,24 @@ class FlatFeatures:
     """All feature levels flattened into one token axis (S = sum of H_l * W_l).
 
     Every shape and count here that depends on image sizes was computed on the host, from the
-    padding masks, so the sparse selection needs no device synchronisation.
+    padding masks, so the sparse selection needs no device synchronisation; ``level_shapes`` and
+    ``valid_token_counts`` are Python ints, so a traced or exported model sees them as constants.
     """
 
     tokens: Tensor  # (N, S, C) projected backbone features
     pos: Tensor  # (N, S, C) sine position embedding + level embedding
     padding_mask: Tensor  # (N, S) bool, True at padded tokens
     spatial_shapes: Tensor  # (L, 2) int64 (H, W)
+    level_shapes: List[Tuple[int, int]]  # the same (H, W) of each level, on the host
     level_start_index: Tensor  # (L,)
     valid_ratios: Tensor  # (N, L, 2) (w, h) share of unpadded columns / rows of each level
     valid_sizes: Tensor  # (N, L, 2) (w, h) unpadded columns / rows of each level
     valid_token_counts: List[int]  # per image, unpadded tokens over all levels
+
+    @property
+    def value_mask(self) -> Optional[Tensor]:
+        """The padding mask for the attention's values; None when nothing is padded (known on the host)."""
+        return self.padding_mask if sum(self.valid_token_counts) < self.padding_mask.numel() else None
 
 
 @dataclass
@@ -147,6 +168,7 @@ class TransformerOutput:
     pred_boxes: List[Tensor]  # per decoder layer, (N, Q, 4) normalised cxcywh
     enc_logits: Optional[Tensor] = None  # two-stage head, (N, S, K)
     enc_boxes: Optional[Tensor] = None  # (N, S, 4)
+    query_tokens: Optional[Tensor] = None  # two-stage, (N, Q) the tokens whose proposals became the queries
     enc_aux_logits: List[Tensor] = field(default_factory=list)  # per encoder layer but the last, (N, k, K)
     enc_aux_boxes: List[Tensor] = field(default_factory=list)  # (N, k, 4)
     token_scores: Optional[Tensor] = None  # (N, S) scoring-network logits, padded tokens set to the batch minimum
@@ -173,7 +195,12 @@ class SparseDeformableTransformer(nn.Module):
                  num_feature_levels: int = 4, enc_n_points: int = 4, dec_n_points: int = 4,
                  num_queries: int = 300, two_stage: bool = False, with_box_refine: bool = False,
                  eff_query_init: bool = False, eff_specific_head: bool = False, rho: float = 0.0,
-                 use_enc_aux_loss: bool = False):
+                 use_enc_aux_loss: bool = False, padding_invariant: bool = False):
+        """
+        Args:
+            padding_invariant: the scoring network's global context averages each image's unpadded tokens
+                only, and padded tokens never become two-stage queries (the authors' model: neither).
+        """
         super().__init__()
         if eff_query_init and not two_stage:
             raise ValueError("EFF_QUERY_INIT takes its queries from the two-stage proposals: it needs TWO_STAGE")
@@ -185,6 +212,7 @@ class SparseDeformableTransformer(nn.Module):
         self.two_stage, self.with_box_refine = two_stage, with_box_refine
         self.eff_query_init, self.eff_specific_head = eff_query_init, eff_specific_head
         self.rho, self.use_enc_aux_loss = rho, use_enc_aux_loss
+        self.padding_invariant = padding_invariant
         self.num_decoder_layers, self.num_encoder_layers = num_decoder_layers, num_encoder_layers
 
         layer_args = (d_model, dim_feedforward, dropout, num_feature_levels, nhead)
@@ -244,7 +272,7 @@ class SparseDeformableTransformer(nn.Module):
     def encoder_reference_points(flat: FlatFeatures) -> Tensor:
         """(N, S, L, 2): each token's cell centre normalised by its level's valid size, seen on every level."""
         points = []
-        for level, (h, w) in enumerate(flat.spatial_shapes.tolist()):
+        for level, (h, w) in enumerate(flat.level_shapes):
             xs, ys = _cell_centres(h, w, flat.tokens.device)
             ratio = flat.valid_ratios[:, None, level]
             points.append(torch.stack([xs.reshape(1, -1) / (ratio[..., 0] * w), ys.reshape(1, -1) / (ratio[..., 1] * h)], -1))
@@ -254,7 +282,7 @@ class SparseDeformableTransformer(nn.Module):
     def proposals(flat: FlatFeatures):
         """Two-stage proposals of every token: (N, S, 4) logits (+inf where padded or invalid), (N, S) validity."""
         boxes = []
-        for level, (h, w) in enumerate(flat.spatial_shapes.tolist()):
+        for level, (h, w) in enumerate(flat.level_shapes):
             xs, ys = _cell_centres(h, w, flat.tokens.device)
             centres = torch.stack([xs, ys], -1).reshape(1, -1, 2) / flat.valid_sizes[:, None, level]
             sizes = torch.full_like(centres, 0.05 * 2.0 ** level)
@@ -269,32 +297,40 @@ class SparseDeformableTransformer(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------
 
-    def forward(self, flat: FlatFeatures) -> TransformerOutput:
+    def forward(self, flat: FlatFeatures, detections_only: bool = False) -> TransformerOutput:
+        """Every output set; with ``detections_only``, only what the detections and the DAM need.
+
+        ``detections_only`` skips the encoder auxiliary heads, the two-stage box head on tokens that do not
+        become queries (``enc_boxes`` stays None) and the predictions of every decoder layer but the last
+        (``pred_logits`` and ``pred_boxes`` then hold the last layer only). The last layer's predictions, the
+        kept tokens and the DAM's ingredients are those of the full computation.
+        """
         out = TransformerOutput(pred_logits=[], pred_boxes=[], spatial_shapes=flat.spatial_shapes,
                                 level_start_index=flat.level_start_index, padding_mask=flat.padding_mask)
         need_proposals = self.two_stage or self.rho > 0
         proposals, proposal_valid = self.proposals(flat) if need_proposals else (None, None)
-        memory = self._encode(flat, proposals, proposal_valid, out)
-        tgt, query_pos, reference = self._init_queries(flat, memory, proposals, proposal_valid, out)
-        self._decode(flat, memory, tgt, query_pos, reference, out)
+        memory = self._encode(flat, proposals, proposal_valid, out, detections_only)
+        tgt, query_pos, reference = self._init_queries(flat, memory, proposals, proposal_valid, out, detections_only)
+        self._decode(flat, memory, tgt, query_pos, reference, out, detections_only)
         return out
 
     def _select_tokens(self, flat: FlatFeatures, proposal_valid: Tensor, out: TransformerOutput):
         """Score every token, keep the top n_i = floor(rho * valid_i) + 1 per image (k = max n_i for all)."""
-        scores = self.enc_mask_predictor(self._project_memory(flat.tokens + flat.pos, proposal_valid))
+        scores = self.enc_mask_predictor(self._project_memory(flat.tokens + flat.pos, proposal_valid),
+                                         ~flat.padding_mask if self.padding_invariant else None)
         scores = scores.masked_fill(flat.padding_mask, scores.min())
-        valid_counts = torch.tensor(flat.valid_token_counts, dtype=torch.float32)
-        sparse_token_nums = (valid_counts * self.rho).floor().long() + 1
-        k = min(int(sparse_token_nums.max()), scores.shape[1])
+        sparse_token_nums = [kept_token_count(count, self.rho) for count in flat.valid_token_counts]
+        k = min(max(sparse_token_nums), scores.shape[1])
         out.token_scores = scores
         out.kept_tokens = scores.topk(k, dim=1).indices
-        out.sparse_token_nums = sparse_token_nums.to(scores.device, non_blocking=True)
+        out.sparse_token_nums = torch.tensor(sparse_token_nums).to(scores.device, non_blocking=True)
         return out.kept_tokens, out.sparse_token_nums
 
-    def _encode(self, flat: FlatFeatures, proposals, proposal_valid, out: TransformerOutput) -> Tensor:
+    def _encode(self, flat: FlatFeatures, proposals, proposal_valid, out: TransformerOutput,
+                detections_only: bool = False) -> Tensor:
         reference = self.encoder_reference_points(flat)
         memory = flat.tokens
-        attn_args = (flat.spatial_shapes, flat.level_start_index, flat.padding_mask)
+        attn_args = (flat.spatial_shapes, flat.level_start_index, flat.value_mask)
         if self.rho <= 0:
             for layer in self.encoder.layers:
                 memory, _ = layer(memory, flat.pos, reference, memory, *attn_args)
@@ -307,20 +343,22 @@ class SparseDeformableTransformer(nn.Module):
             return x.gather(1, kept.view(*kept.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
 
         query, query_pos, query_ref = gather(memory), gather(flat.pos), gather(reference)
-        query_proposals = gather(proposals) if self.use_enc_aux_loss else None
+        auxiliary = self.use_enc_aux_loss and not detections_only
+        query_proposals = gather(proposals) if auxiliary else None
         # tokens beyond n_i of an image keep being updated as queries but are not written back
         write_back = (torch.arange(k, device=kept.device)[None] < sparse_token_nums[:, None])[..., None]
         index = kept[..., None].expand(-1, -1, memory.shape[-1])
         for lid, layer in enumerate(self.encoder.layers):
             query, _ = layer(query, query_pos, query_ref, memory, *attn_args)
             memory = memory.scatter(1, index, torch.where(write_back, query, memory.gather(1, index)))
-            if self.use_enc_aux_loss and lid < self.num_encoder_layers - 1:
+            if auxiliary and lid < self.num_encoder_layers - 1:
                 class_head, box_head = self._head(self.num_decoder_layers + 1 + lid)
                 out.enc_aux_logits.append(class_head(query))
                 out.enc_aux_boxes.append((box_head(query) + query_proposals).sigmoid())
         return memory
 
-    def _init_queries(self, flat: FlatFeatures, memory: Tensor, proposals, proposal_valid, out: TransformerOutput):
+    def _init_queries(self, flat: FlatFeatures, memory: Tensor, proposals, proposal_valid, out: TransformerOutput,
+                      detections_only: bool = False):
         n = memory.shape[0]
         if not self.two_stage:
             query_pos, tgt = self.query_embed.weight.split(self.d_model, dim=1)
@@ -331,11 +369,18 @@ class SparseDeformableTransformer(nn.Module):
         class_head, box_head = self._head(self.num_decoder_layers)
         projected = self._project_memory(memory, proposal_valid)
         out.enc_logits = class_head(projected)
-        enc_boxes_unact = proposals + box_head(projected)
-        out.enc_boxes = enc_boxes_unact.sigmoid()
         objectness = out.enc_logits.max(-1).values if self.eff_specific_head else out.enc_logits[..., 0]
+        if self.padding_invariant:
+            objectness = objectness.masked_fill(flat.padding_mask, float("-inf"))
         topk = objectness.topk(self.num_queries, dim=1).indices
-        boxes_unact = enc_boxes_unact.gather(1, topk[..., None].expand(-1, -1, 4)).detach()
+        out.query_tokens = topk
+        if detections_only:  # the box head on the queries' tokens alone
+            selected = projected.gather(1, topk[..., None].expand(-1, -1, projected.shape[-1]))
+            boxes_unact = (proposals.gather(1, topk[..., None].expand(-1, -1, 4)) + box_head(selected)).detach()
+        else:
+            enc_boxes_unact = proposals + box_head(projected)
+            out.enc_boxes = enc_boxes_unact.sigmoid()
+            boxes_unact = enc_boxes_unact.gather(1, topk[..., None].expand(-1, -1, 4)).detach()
         embedding = sine_box_embedding(boxes_unact, self.d_model // 2).to(memory.dtype)
         pos = self.pos_trans_norm(self.pos_trans(embedding))
         if self.eff_query_init:
@@ -345,22 +390,27 @@ class SparseDeformableTransformer(nn.Module):
             query_pos, tgt = pos.split(self.d_model, dim=2)
         return tgt, query_pos, boxes_unact.sigmoid()
 
-    def _decode(self, flat: FlatFeatures, memory, tgt, query_pos, reference, out: TransformerOutput):
+    def _decode(self, flat: FlatFeatures, memory, tgt, query_pos, reference, out: TransformerOutput,
+                detections_only: bool = False):
         locations, weights = [], []
         for lid, layer in enumerate(self.decoder.layers):
             ratios = flat.valid_ratios if reference.shape[-1] == 2 else torch.cat([flat.valid_ratios] * 2, -1)
             tgt, attn = layer(tgt, query_pos, reference[:, :, None] * ratios[:, None], memory, flat.spatial_shapes,
-                              flat.level_start_index, flat.padding_mask)
+                              flat.level_start_index, flat.value_mask)
             locations.append(attn.sampling_locations)
             weights.append(attn.attention_weights)
             class_head, box_head = self._head(lid)
+            last = lid == len(self.decoder.layers) - 1
+            if detections_only and not (last or self.with_box_refine):
+                continue
             delta = box_head(tgt)
             if reference.shape[-1] == 4:
                 boxes = (delta + inverse_sigmoid(reference)).sigmoid()
             else:
                 boxes = torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()
-            out.pred_logits.append(class_head(tgt))
-            out.pred_boxes.append(boxes)
+            if last or not detections_only:
+                out.pred_logits.append(class_head(tgt))
+                out.pred_boxes.append(boxes)
             if self.with_box_refine:
                 reference = boxes.detach()
         out.dec_sampling_locations = torch.stack(locations, 1)

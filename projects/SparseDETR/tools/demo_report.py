@@ -7,6 +7,11 @@
 Reads ``metrics.json`` and ``model_final.pth`` from the output folder and writes there:
 ``training_curves.png``, ``predictions/*.png`` (Detectron2 Visualizer, predictions beside ground truth),
 ``kept_tokens/*.png`` (the tokens the sparse encoder updated on each level), ``results.json``.
+
+Pictures show the detections from ``--confidence-threshold`` (default: the config's TEST.CONFIDENCE_THRESHOLD).
+The report also calibrates it: over the whole validation set, the threshold with the best F1 of detections
+matched to ground truth of their class at IoU >= 0.5 (greedy by score, as COCO matches), with the precision and
+recall there and at the threshold used.
 """
 import argparse
 import json
@@ -20,16 +25,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog, detection_utils  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
+from torchvision.ops import box_iou  # noqa: E402
 
 import sparse_detr  # noqa: E402
 from sparse_detr.checkpoint import SparseDETRCheckpointer  # noqa: E402
+from sparse_detr.cli import load_config, reports_user_errors  # noqa: E402
+from sparse_detr.inference import build_inference_model  # noqa: E402
 from sparse_detr.visualization import draw_kept_tokens, kept_token_masks  # noqa: E402
 
 logger = logging.getLogger("sparse_detr.report")
@@ -83,13 +91,47 @@ def evaluation_results(records):
     return None
 
 
+def matched_scores(scores, classes, boxes, gt_classes, gt_boxes, iou_threshold: float = 0.5):
+    """(score, 1 if a true positive else 0) of each detection of one image: in the order of the scores, each takes
+    the unmatched ground truth of its class it overlaps most, if at IoU >= ``iou_threshold``."""
+    order = scores.argsort(descending=True)
+    ious = box_iou(boxes[order], gt_boxes) if len(gt_boxes) else torch.zeros(len(order), 0)
+    free = torch.ones(len(gt_boxes), dtype=torch.bool)
+    pairs = []
+    for row, index in enumerate(order.tolist()):
+        candidates = ious[row] * (free & (gt_classes == classes[index])).float()
+        best = int(candidates.argmax()) if len(gt_boxes) else -1
+        hit = best >= 0 and candidates[best] >= iou_threshold
+        if hit:
+            free[best] = False
+        pairs.append((float(scores[index]), int(hit)))
+    return pairs
+
+
+def calibrate(pairs, num_truths: int, used_threshold: float):
+    """The F1-best score threshold over (score, true positive) pairs of a whole dataset, and the figures at both."""
+    pairs = sorted(pairs, reverse=True)
+    best, true_positives, at_used = None, 0, None
+    for kept, (score, hit) in enumerate(pairs, 1):
+        true_positives += hit
+        precision, recall = true_positives / kept, true_positives / max(num_truths, 1)
+        f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+        figures = {"threshold": score, "f1": f1, "precision": precision, "recall": recall}
+        if best is None or f1 > best["f1"]:
+            best = figures
+        if score >= used_threshold:
+            at_used = {**figures, "threshold": used_threshold}
+    return {"best": best, "used": at_used}
+
+
+@reports_user_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--num-images", type=int, default=8)
-    # the short CPU training leaves the demo model's sigmoid scores mostly between 0.3 and 0.6
-    parser.add_argument("--confidence-threshold", type=float, default=0.3)
+    parser.add_argument("--confidence-threshold", type=float, default=None,
+                        help="score of the drawn detections (default: the config's TEST.CONFIDENCE_THRESHOLD)")
     args = parser.parse_args(argv)
     setup_logger(name="sparse_detr")
 
@@ -103,18 +145,19 @@ def main(argv=None):
     records = read_metrics(metrics_file)
     plot_curves(records, os.path.join(args.output_dir, "training_curves.png"))
 
-    cfg = get_cfg()
-    sparse_detr.add_sparse_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    cfg = load_config(args.config_file)
     cfg.MODEL.DEVICE = "cpu"
+    threshold = cfg.TEST.CONFIDENCE_THRESHOLD if args.confidence_threshold is None else args.confidence_threshold
     model = build_model(cfg).eval()
     SparseDETRCheckpointer(model).load(weights)
+    model = build_inference_model(cfg, model)  # what evaluation ran
     dataset = cfg.DATASETS.TEST[0]
     metadata = MetadataCatalog.get(dataset)
     resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
     os.makedirs(os.path.join(args.output_dir, "predictions"), exist_ok=True)
     os.makedirs(os.path.join(args.output_dir, "kept_tokens"), exist_ok=True)
-    for record in DatasetCatalog.get(dataset)[: args.num_images]:
+    pairs, num_truths = [], 0
+    for index, record in enumerate(tqdm(DatasetCatalog.get(dataset), desc="validation images", file=sys.stderr)):
         image = detection_utils.read_image(record["file_name"], format="RGB")
         resized = resize.get_transform(image).apply_image(image)
         inputs = [{"image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)), dtype=torch.float32),
@@ -122,18 +165,26 @@ def main(argv=None):
         with torch.no_grad():
             out = model.predict(inputs)
             instances = model.postprocess(out, inputs)[0]["instances"]
-        instances = instances[instances.scores >= args.confidence_threshold]
+        truth = detection_utils.annotations_to_instances(record["annotations"], image.shape[:2])
+        pairs += matched_scores(instances.scores, instances.pred_classes, instances.pred_boxes.tensor,
+                                truth.gt_classes, truth.gt_boxes.tensor)
+        num_truths += len(truth)
+        if index >= args.num_images:
+            continue
+        instances = instances[instances.scores >= threshold]
         predicted = Visualizer(image, metadata, scale=2.0).draw_instance_predictions(instances).get_image()
-        truth = Visualizer(image, metadata, scale=2.0).draw_dataset_dict(record).get_image()
+        drawn_truth = Visualizer(image, metadata, scale=2.0).draw_dataset_dict(record).get_image()
         gap = np.full((predicted.shape[0], 8, 3), 255, np.uint8)
         name = os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png"
-        plt.imsave(os.path.join(args.output_dir, "predictions", name), np.concatenate([predicted, gap, truth], 1))
+        plt.imsave(os.path.join(args.output_dir, "predictions", name), np.concatenate([predicted, gap, drawn_truth], 1))
         if out.kept_tokens is not None:
             panels = draw_kept_tokens(np.kron(resized, np.ones((2, 2, 1), np.uint8)), kept_token_masks(out, 0),
                                       out.image_sizes[0])
             plt.imsave(os.path.join(args.output_dir, "kept_tokens", name), panels)
+    calibration = calibrate(pairs, num_truths, threshold)
 
     results = {"evaluation": evaluation_results(records), "iterations": records[-1]["iteration"] + 1 if records else 0,
+               "confidence_threshold": calibration,
                "pictures": {"curves": "training_curves.png", "predictions (left) and ground truth (right)":
                             "predictions/", "kept tokens per level": "kept_tokens/"}}
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
@@ -146,6 +197,12 @@ def main(argv=None):
             recall = evaluation["dam_recall"]
             levels = ", ".join(f"{recall[k]:.3f}" for k in sorted(recall) if k.startswith("dam_recall_level"))
             logger.info("DAM recall %.3f (per level %s)", recall["dam_recall"], levels)
+    best, used = calibration["best"], calibration["used"]
+    if best is not None:
+        logger.info("pictures drawn from score %.2f (TEST.CONFIDENCE_THRESHOLD): F1 %.3f (precision %.3f, recall %.3f) "
+                    "on val at IoU 0.5; the F1-best threshold is %.2f (F1 %.3f)", threshold,
+                    used["f1"] if used else 0.0, used["precision"] if used else 0.0, used["recall"] if used else 0.0,
+                    best["threshold"], best["f1"])
     logger.info("pictures and results.json written to %s", args.output_dir)
     return 0
 

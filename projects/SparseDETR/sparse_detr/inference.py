@@ -1,0 +1,187 @@
+"""The fast inference path of evaluation, ``demo.py`` and ``benchmark.py`` (``TEST.FAST_INFERENCE``).
+
+:func:`build_inference_model` turns a trained :class:`SparseDETR` into an inference-only copy that gives the
+same detections faster; the model itself (its modules, state dict and checkpoints) is left as it is:
+
+* batch norms (frozen, or in eval mode) are folded into the convolutions before them;
+* the convolutional backbone runs channels-last;
+* the transformer skips what neither the detections nor the DAM use (``detections_only``): the encoder
+  auxiliary heads, the two-stage box head on tokens that do not become queries, the predictions of the
+  decoder layers before the last;
+* in bfloat16 (``TEST.PRECISION``), convolutions and linear layers run in bf16 under ``torch.autocast``
+  with their weights stored in bf16 once, while the precision-sensitive layers stay in float32: the
+  sampling-offset and attention-weight layers of every deformable attention (sampling locations and their
+  softmax), the reference-point layer, every box head, every class head and the scoring network's last
+  layer (the scores that top-k ranks). ``"auto"`` picks bf16 on CPUs with native bf16 instructions
+  (AMX or AVX512-BF16), float32 elsewhere.
+"""
+import copy
+import logging
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.layers import Conv2d as D2Conv2d
+
+from .layers import MSDeformAttn
+from .meta_arch import SparseDETR
+from .transformer import TransformerOutput
+
+__all__ = ["FastInferenceModel", "build_inference_model", "fold_batch_norms", "has_native_bf16",
+           "inference_precision"]
+
+logger = logging.getLogger(__name__)
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def has_native_bf16() -> bool:
+    """True on CPUs with bf16 arithmetic in hardware (AMX tiles or AVX512-BF16), where bf16 pays off."""
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported",
+                                                                         "_is_avx512_bf16_supported"))
+
+
+def inference_precision(precision: str, device: torch.device) -> torch.dtype:
+    """``TEST.PRECISION`` on ``device``: "auto" is bfloat16 on a CPU with native bf16, float32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"TEST.PRECISION must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cpu" and has_native_bf16() else torch.float32
+    return getattr(torch, precision)
+
+
+def _folded_norm(norm: nn.Module):
+    """(scale, shift) of a batch norm in inference: y = x * scale + shift; None for other norms."""
+    if isinstance(norm, FrozenBatchNorm2d) or (isinstance(norm, nn.modules.batchnorm._BatchNorm)
+                                               and not norm.training and norm.track_running_stats):
+        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+        return scale, norm.bias - norm.running_mean * scale
+    return None
+
+
+@torch.no_grad()
+def fold_batch_norms(module: nn.Module) -> int:
+    """Fold every batch norm of Detectron2's ``Conv2d(..., norm=...)`` into the convolution, in place.
+
+    Returns how many were folded. Only for inference copies: the folded module has other parameters.
+    """
+    folded = 0
+    for conv in module.modules():
+        if not isinstance(conv, D2Conv2d) or conv.norm is None:
+            continue
+        affine = _folded_norm(conv.norm)
+        if affine is None:
+            continue
+        scale, shift = affine
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+        conv.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        conv.bias = nn.Parameter(bias, requires_grad=False)
+        conv.norm = None
+        folded += 1
+    return folded
+
+
+class ChannelsLast(nn.Module):
+    """Runs a module on channels-last input (its 4-d parameters converted once)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module.to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        return self.module(x.contiguous(memory_format=torch.channels_last))
+
+
+class Float32(nn.Module):
+    """Runs a module in float32 inside a reduced-precision autocast region."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return self.module(x.float())
+
+
+def _precision_sensitive(model: SparseDETR) -> List[tuple]:
+    """(parent, attribute name) of the layers that stay in float32 under bf16."""
+    transformer = model.transformer
+    places = []
+    for module in transformer.modules():
+        if isinstance(module, MSDeformAttn):
+            places += [(module, "sampling_offsets"), (module, "attention_weights")]
+    for heads in (transformer.class_embed, transformer.bbox_embed):
+        places += [(heads, str(i)) for i in range(len(heads))]
+    if hasattr(transformer, "reference_points"):
+        places.append((transformer, "reference_points"))
+    if hasattr(transformer, "enc_mask_predictor"):
+        scorer = transformer.enc_mask_predictor.layer2
+        places.append((scorer, str(len(scorer) - 1)))
+    return places
+
+
+@torch.no_grad()
+def _to_bfloat16(model: SparseDETR) -> None:
+    """Keep the precision-sensitive layers in float32, store every other conv/linear weight in bf16."""
+    for parent, name in _precision_sensitive(model):
+        setattr(parent, name, Float32(getattr(parent, name)))
+    keep = {id(p) for m in model.modules() if isinstance(m, Float32) for p in m.parameters()}
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.MultiheadAttention)):
+            for param in module.parameters(recurse=False):
+                if id(param) not in keep:
+                    param.data = param.data.to(torch.bfloat16)
+
+
+class FastInferenceModel(nn.Module):
+    """An inference-only copy of a :class:`SparseDETR` with the fast path of this module's docstring.
+
+    ``forward``, ``predict`` and ``postprocess`` behave as the model's in evaluation (Detectron2 results,
+    the DAM recall's masses when the model reports them); ``predict`` returns the detections-only
+    :class:`TransformerOutput`.
+    """
+
+    def __init__(self, model: SparseDETR, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"the fast inference path runs in float32 or bfloat16, got {dtype}")
+        model = getattr(model, "module", model)  # DistributedDataParallel
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.dtype = dtype
+        folded = fold_batch_norms(self.model.backbone)
+        if any(isinstance(m, nn.Conv2d) for m in self.model.backbone.modules()):
+            self.model.backbone = ChannelsLast(self.model.backbone)
+        if dtype == torch.bfloat16:
+            _to_bfloat16(self.model)
+        super().train(False)
+        logger.info("fast inference: %d batch norms folded, %s", folded, dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError("FastInferenceModel is for inference only: train the SparseDETR model it was made from")
+        return super().train(False)
+
+    @torch.no_grad()
+    def predict(self, batched_inputs: List[Dict]) -> TransformerOutput:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+            return self.model.predict(batched_inputs, detections_only=True)
+
+    def postprocess(self, out: TransformerOutput, batched_inputs: List[Dict]) -> List[Dict]:
+        return self.model.postprocess(out, batched_inputs)
+
+    def forward(self, batched_inputs: List[Dict]) -> List[Dict]:
+        return self.model.evaluation_outputs(self.predict(batched_inputs), batched_inputs)
+
+
+def build_inference_model(cfg, model: SparseDETR) -> nn.Module:
+    """The model evaluation and the tools run: ``model`` itself when ``TEST.FAST_INFERENCE`` is off, else
+    a :class:`FastInferenceModel` in ``TEST.PRECISION``."""
+    if not cfg.TEST.FAST_INFERENCE:
+        return model
+    return FastInferenceModel(model, inference_precision(cfg.TEST.PRECISION, torch.device(cfg.MODEL.DEVICE)))

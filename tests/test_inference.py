@@ -1,0 +1,195 @@
+"""The fast inference path (sparse_detr/inference.py): same detections, model untouched, the switch.
+
+Tiny models of every config family (conftest's TINY transformer on the config's backbone) with their
+frozen batch norms given random statistics, so that folding them changes every convolution.
+"""
+import pytest
+import torch
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from conftest import build_config
+from sparse_detr.inference import (FastInferenceModel, build_inference_model, fold_batch_norms, has_native_bf16,
+                                   inference_precision)
+from sparse_detr.layers import MSDeformAttn
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+FAMILIES = ["deformable_detr_r50.yaml", "deformable_detr_r50_bbr_two_stage.yaml", "efficient_detr_r50.yaml",
+            "sparse_detr_r50_rho0.3.yaml", "sparse_detr_swint_rho0.2.yaml"]
+# one image alone (no padding) and a padded pair
+BATCHES = [[dict(height=64, width=96)], [dict(height=64, width=80, out_size=(128, 160)), dict(height=48, width=96)]]
+
+
+@torch.no_grad()
+def randomise_norms(model, seed=0):
+    """Frozen and eval-mode batch norms with statistics of their own, so that folding is not an identity."""
+    generator = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
+            channels = m.weight.shape[0]
+            m.weight.copy_(1 + 0.2 * torch.randn(channels, generator=generator))
+            m.bias.copy_(0.1 * torch.randn(channels, generator=generator))
+            m.running_mean.copy_(0.1 * torch.randn(channels, generator=generator))
+            m.running_var.copy_(1 + 0.3 * torch.rand(channels, generator=generator))
+    return model
+
+
+def assert_same_detections(expected, actual, box_atol=1e-3, score_atol=1e-5):
+    assert len(expected) == len(actual)
+    for e, a in zip(expected, actual):
+        e, a = e["instances"], a["instances"]
+        assert e.image_size == a.image_size
+        torch.testing.assert_close(a.scores, e.scores, rtol=0, atol=score_atol)
+        assert torch.equal(a.pred_classes, e.pred_classes)
+        torch.testing.assert_close(a.pred_boxes.tensor, e.pred_boxes.tensor, rtol=0, atol=box_atol)
+
+
+@pytest.mark.parametrize("config_name", FAMILIES)
+@pytest.mark.parametrize("batch", BATCHES, ids=["one image", "padded pair"])
+def test_float32_fast_path_gives_the_plain_detections(config_name, batch, tiny_model, make_batch):
+    model = randomise_norms(tiny_model(config_name, dtype=torch.float32))
+    fast = FastInferenceModel(model, torch.float32)
+    inputs = make_batch(*batch, seed=1)
+    with torch.no_grad():
+        expected = model(inputs)
+    actual = fast(inputs)
+    assert_same_detections(expected, actual)
+    if model.transformer.rho > 0:  # the DAM recall's masses too
+        for e, a in zip(expected, actual):
+            torch.testing.assert_close(a["dam_recall"]["kept_mass"], e["dam_recall"]["kept_mass"])
+            torch.testing.assert_close(a["dam_recall"]["total_mass"], e["dam_recall"]["total_mass"])
+
+
+def test_fast_path_skips_what_detections_do_not_use(tiny_model, make_batch):
+    model = tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32)
+    inputs = make_batch(dict(height=64, width=96), seed=2)
+    full, fast = model.predict(inputs), FastInferenceModel(model).predict(inputs)
+    assert len(full.enc_aux_logits) == 1 and full.enc_boxes is not None and len(full.pred_logits) == 2
+    assert fast.enc_aux_logits == [] and fast.enc_boxes is None and len(fast.pred_logits) == 1
+    # float32 rounding differs (folded norms, channels-last convolutions through a ResNet-50)
+    torch.testing.assert_close(fast.pred_logits[0], full.pred_logits[-1], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(fast.pred_boxes[0], full.pred_boxes[-1], rtol=1e-4, atol=1e-5)
+    assert torch.equal(fast.kept_tokens, full.kept_tokens) and torch.equal(fast.query_tokens, full.query_tokens)
+
+
+def test_folding_leaves_the_model_and_its_checkpoints_untouched(tiny_model, make_batch, tmp_path):
+    model = randomise_norms(tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = FastInferenceModel(model, torch.bfloat16)
+    fast(make_batch(dict(height=64, width=96), seed=3))
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules()) == 53  # ResNet-50's, still there
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in fast.modules())
+    # the model still trains, and what it saves loads into a fresh model
+    model.train()
+    inputs = make_batch(dict(height=64, width=96, boxes=[[4, 4, 40, 50]], classes=[1]), seed=4)
+    with EventStorage():
+        sum(model(inputs).values()).backward()
+    assert model.transformer.class_embed[0].weight.grad is not None
+    torch.save({"model": model.state_dict()}, tmp_path / "model.pth")
+    fresh = tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32, seed=9)
+    fresh.load_state_dict(torch.load(tmp_path / "model.pth")["model"], strict=True)
+    with pytest.raises(RuntimeError, match="inference only"):
+        fast.train()
+
+
+def test_fold_batch_norms_equals_the_unfolded_backbone(tiny_model):
+    model = randomise_norms(tiny_model("deformable_detr_r50.yaml", dtype=torch.float64))
+    image = torch.randn(1, 3, 64, 96, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model.backbone(image)
+        assert fold_batch_norms(model.backbone) == 53
+        actual = model.backbone(image)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-10, atol=1e-10)
+
+
+def test_bfloat16_keeps_the_precision_sensitive_layers_in_float32(tiny_model, make_batch):
+    model = tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32)
+    fast = FastInferenceModel(model, torch.bfloat16)
+    transformer = fast.model.transformer
+    fp32 = [m.sampling_offsets for m in transformer.modules() if isinstance(m, MSDeformAttn)]
+    fp32 += [m.attention_weights for m in transformer.modules() if isinstance(m, MSDeformAttn)]
+    fp32 += list(transformer.class_embed) + list(transformer.bbox_embed) + [transformer.enc_mask_predictor.layer2[-1]]
+    assert all(p.dtype == torch.float32 for m in fp32 for p in m.parameters())
+    assert transformer.encoder.layers[0].linear1.weight.dtype == torch.bfloat16
+    assert fast.model.backbone.module.res4[0].conv2.weight.dtype == torch.bfloat16
+    out = fast.predict(make_batch(dict(height=64, width=96), seed=5))
+    assert out.pred_logits[-1].dtype == out.pred_boxes[-1].dtype == torch.float32
+    assert out.dec_sampling_locations.dtype == out.dec_attention_weights.dtype == torch.float32
+    assert out.token_scores.dtype == torch.float32
+
+
+def test_the_switch_and_the_precision(project_cfg, tiny_model):
+    cfg = project_cfg("sparse_detr_r50_rho0.3.yaml")
+    model = tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32)
+    assert cfg.TEST.FAST_INFERENCE and cfg.TEST.PRECISION == "auto"
+    cfg.TEST.FAST_INFERENCE = False
+    assert build_inference_model(cfg, model) is model
+    cfg.TEST.FAST_INFERENCE, cfg.TEST.PRECISION = True, "float32"
+    assert build_inference_model(cfg, model).dtype == torch.float32
+    cfg.TEST.PRECISION = "bfloat16"
+    assert build_inference_model(cfg, model).dtype == torch.bfloat16
+    auto = torch.bfloat16 if has_native_bf16() else torch.float32
+    assert inference_precision("auto", torch.device("cpu")) == auto
+    assert inference_precision("auto", torch.device("cuda")) == torch.float32
+    with pytest.raises(ValueError, match="TEST.PRECISION must be one of"):
+        inference_precision("half", torch.device("cpu"))
+
+
+def test_eval_mode_batch_norm_folds_too():
+    cfg = build_config("demo.yaml", tiny=True)
+    cfg.MODEL.RESNETS.NORM = "BN"
+    model = randomise_norms(build_model(cfg).eval())
+    image = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = model.backbone(image)
+        assert fold_batch_norms(model.backbone) == 12  # stem, 4 stages x 2 convs, 3 shortcuts (res3-res5)
+        actual = model.backbone(image)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-5)
+
+
+def test_masked_group_norm_is_group_norm_of_the_unpadded_image():
+    from sparse_detr.meta_arch import masked_group_norm
+
+    norm = torch.nn.GroupNorm(4, 8).double()
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 8, 5, 7, dtype=torch.float64)
+    valid = torch.ones(2, 5, 7, dtype=torch.bool)
+    valid[1, 3:], valid[1, :, 5:] = False, False  # the second image is 3 x 5
+    y = masked_group_norm(x, norm, valid)
+    torch.testing.assert_close(y[0], norm(x[:1])[0])
+    torch.testing.assert_close(y[1, :, :3, :5], norm(x[1:, :, :3, :5])[0])
+    assert y[1, :, 3:].abs().max() == 0 and y[1, :, :, 5:].abs().max() == 0
+
+
+def test_padding_invariant_features_zero_the_padded_tokens(make_batch):
+    cfg = build_config("demo.yaml", tiny=True, PADDING_INVARIANT=True)
+    model = build_model(cfg).eval()
+    images = model.preprocess_image(make_batch(dict(height=64, width=96), dict(height=96, width=64), seed=6))
+    with torch.no_grad():
+        flat = model.flatten_features(images)
+    padded = flat.padding_mask
+    assert padded.any() and flat.tokens[padded].abs().max() == 0 and flat.tokens[~padded].abs().sum() > 0
+
+
+@pytest.mark.parametrize("config_name", ["demo.yaml", "deformable_detr_r50_bbr_two_stage.yaml"])
+def test_padding_invariant_detections_do_not_depend_on_the_batch(config_name, make_batch):
+    """With PADDING_INVARIANT an image gives the same detections alone and beside a larger image (any order)."""
+    torch.manual_seed(0)
+    model = build_model(build_config(config_name, tiny=config_name != "demo.yaml", PADDING_INVARIANT=True))
+    model = model.double().eval()
+    small, large = make_batch(dict(height=165, width=213), dict(height=225, width=298), seed=7)
+    with torch.no_grad():
+        alone = model([small])[0]["instances"]
+        first, second = model([small, large])[0]["instances"], model([large, small])[1]["instances"]
+    for batched in (first, second):
+        torch.testing.assert_close(batched.scores, alone.scores, rtol=0, atol=1e-6)
+        assert torch.equal(batched.pred_classes, alone.pred_classes)
+        torch.testing.assert_close(batched.pred_boxes.tensor, alone.pred_boxes.tensor, rtol=0, atol=1e-3)
