@@ -24,4 +24,4 @@ demo: setup
 	$(PY) projects/SparseDETR/tools/demo_report.py --config-file $(DEMO_CONFIG) --output-dir $(DEMO_DIR)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info projects/SparseDETR/sparse_detr/_C.*.so

@@ -1,9 +1,14 @@
-"""Install the ``sparse_detr`` package (source: projects/SparseDETR/sparse_detr).
+"""Install the ``sparse_detr`` package (source: projects/SparseDETR/sparse_detr) and its compiled op ``sparse_detr._C``.
 
 ``pip install --no-build-isolation -e .`` (what ``make setup`` runs) makes ``import sparse_detr`` work
-from any directory. When ``csrc/`` holds the CUDA deformable-attention sources and CUDA is available
-(or ``FORCE_CUDA=1``), the compiled op ``sparse_detr._C`` is built as well; otherwise the pure-Python
-package installs and the PyTorch implementation of the op is used everywhere.
+from any directory. ``sparse_detr._C`` (the deformable-attention kernels in ``csrc/``) is always built:
+
+* its CPU part, with the C++ compiler;
+* its CUDA part as well when ``FORCE_CUDA=1``, or when ``FORCE_CUDA`` is unset and torch sees a GPU
+  (``FORCE_CUDA=0``: the CPU part only), for the architectures of ``TORCH_CUDA_ARCH_LIST``
+  (default ``DEFAULT_CUDA_ARCHS``).
+
+A compile error fails the installation: there is no silent fallback to the pure-Python package.
 """
 import glob
 import os
@@ -14,7 +19,9 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGE_DIR = "projects/SparseDETR/sparse_detr"
-DEFAULT_CUDA_ARCHS = "7.0;7.5;8.0;8.6;8.9;9.0+PTX"  # Volta to Hopper, PTX for newer GPUs
+# Turing to Hopper, and PTX that newer GPUs compile at load time. CUDA 13 dropped Volta (7.0) and older:
+# `nvcc --list-gpu-arch` starts at compute_75.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
 
 
 def _toolkit_home():
@@ -42,26 +49,44 @@ def _pip_cuda_includes():
     return sorted({os.path.dirname(h) for r in roots for h in glob.glob(os.path.join(r, "nvidia", "*", "include", "cusparse.h"))})
 
 
+def _build_cuda() -> bool:
+    force = os.environ.get("FORCE_CUDA", "")
+    if force not in ("", "0", "1"):
+        raise SystemExit(f"FORCE_CUDA must be 0 or 1, got {force!r}")
+    if force:
+        return force == "1"
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _extensions():
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
-    if not any(s.endswith(".cu") for s in sources):
-        return [], {}
     home = _toolkit_home()
     if home:
         os.environ["CUDA_HOME"] = home  # torch.utils.cpp_extension reads it at import
-    import torch
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    build_cuda = _build_cuda()
+    if build_cuda and home is None:
+        raise SystemExit("sparse_detr: building the CUDA kernels needs the CUDA toolkit (nvcc on PATH or CUDA_HOME); "
+                         "FORCE_CUDA=0 builds the CPU kernels only")
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    if not (torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1"):
-        print("sparse_detr: no CUDA device and FORCE_CUDA is not 1: installing without the compiled op", file=sys.stderr)
-        return [], {}
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-    extension = CUDAExtension(
-        "sparse_detr._C",
-        sources,
-        include_dirs=[os.path.join(ROOT, "csrc")] + _pip_cuda_includes(),
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
-    )
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    # -fopenmp: at::parallel_for is an OpenMP region compiled into the extension (without it, it runs on one
+    # thread); the extension then uses the libgomp torch has loaded already.
+    options = {"include_dirs": [os.path.join(ROOT, "csrc")], "extra_compile_args": {"cxx": ["-O3", "-fopenmp"]},
+               "extra_link_args": ["-fopenmp"]}
+    if build_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        print(f"sparse_detr: building the CPU and CUDA kernels (architectures {os.environ['TORCH_CUDA_ARCH_LIST']})",
+              file=sys.stderr)
+        sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
+        options["include_dirs"] += _pip_cuda_includes()
+        options["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo", "--threads=0"]
+        options["define_macros"] = [("WITH_CUDA", None)]
+        extension = CUDAExtension("sparse_detr._C", sources, **options)
+    else:
+        print("sparse_detr: building the CPU kernels (FORCE_CUDA=1 adds the CUDA kernels)", file=sys.stderr)
+        extension = CppExtension("sparse_detr._C", sources, **options)
     return [extension], {"build_ext": BuildExtension}
 
 

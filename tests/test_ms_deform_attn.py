@@ -1,4 +1,9 @@
-"""Multi-scale deformable attention: the operator against a slow loop reference, its gradients, the module."""
+"""Multi-scale deformable attention: the operator against a slow loop reference, its gradients, the module.
+
+The operator tests run through both implementations (the ``implementation`` fixture): the PyTorch one and the
+compiled CPU kernel. tests/test_ms_deform_attn_kernels.py compares the two directly and tests the kernels' own
+paths (64-bit indices, instruction sets, CUDA).
+"""
 import math
 
 import numpy as np
@@ -7,6 +12,13 @@ import torch
 
 from sparse_detr.layers import DeformableAttentionOutput, MSDeformAttn, multi_scale_deformable_attention
 from sparse_detr.layers import ms_deform_attn as ms_deform_attn_module
+
+
+@pytest.fixture(params=["pytorch", "compiled"])
+def implementation(request, monkeypatch):
+    """Run the test through the PyTorch implementation, then through the compiled kernel."""
+    monkeypatch.setenv(ms_deform_attn_module.IMPLEMENTATION_VARIABLE, request.param)
+    return request.param
 
 
 def reference_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -65,7 +77,7 @@ SHAPE_CASES = {
 
 @pytest.mark.parametrize("shapes", SHAPE_CASES.values(), ids=SHAPE_CASES.keys())
 @pytest.mark.parametrize("head_dim", [30, 32, 64, 71])
-def test_matches_reference_in_float64(shapes, head_dim):
+def test_matches_reference_in_float64(shapes, head_dim, implementation):
     inputs = make_inputs(shapes, queries=4, heads=2, head_dim=head_dim, points=3)
     out = multi_scale_deformable_attention(*inputs)
     assert out.dtype == torch.float64
@@ -73,13 +85,13 @@ def test_matches_reference_in_float64(shapes, head_dim):
 
 
 @pytest.mark.parametrize("points", [1, 4])
-def test_matches_reference_with_more_heads_and_points(points):
+def test_matches_reference_with_more_heads_and_points(points, implementation):
     inputs = make_inputs([(6, 9), (3, 5), (2, 3), (1, 2)], batch=1, queries=3, heads=4, head_dim=5, points=points)
     torch.testing.assert_close(multi_scale_deformable_attention(*inputs), reference_ms_deform_attn(*inputs),
                                rtol=0, atol=1e-10)
 
 
-def test_locations_on_pixel_centres_read_the_pixel():
+def test_locations_on_pixel_centres_read_the_pixel(implementation):
     value, spatial_shapes, level_start_index, _, _ = make_inputs([(3, 4)], batch=1, queries=1, heads=1, points=1)
     row, col = 1, 2
     locations = torch.tensor([(col + 0.5) / 4, (row + 0.5) / 3], dtype=torch.float64).view(1, 1, 1, 1, 1, 2)
@@ -88,7 +100,7 @@ def test_locations_on_pixel_centres_read_the_pixel():
     torch.testing.assert_close(out[0, 0], value[0, row * 4 + col, 0], rtol=0, atol=1e-12)
 
 
-def test_locations_far_outside_give_zero():
+def test_locations_far_outside_give_zero(implementation):
     value, spatial_shapes, level_start_index, _, weights = make_inputs([(3, 4), (2, 2)], queries=3)
     locations = torch.full((2, 3, 2, 2, 3, 2), -0.6, dtype=torch.float64)
     locations[..., 1] = 1.8
@@ -96,7 +108,7 @@ def test_locations_far_outside_give_zero():
     assert torch.equal(out, torch.zeros_like(out))
 
 
-def test_zero_queries():
+def test_zero_queries(implementation):
     value, spatial_shapes, level_start_index, locations, weights = make_inputs([(3, 4), (1, 1)], queries=0)
     value.requires_grad_(True)
     out = multi_scale_deformable_attention(value, spatial_shapes, level_start_index, locations, weights)
@@ -105,7 +117,7 @@ def test_zero_queries():
     assert torch.equal(value.grad, torch.zeros_like(value))
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(implementation):
     value, spatial_shapes, level_start_index, locations, weights = make_inputs(
         [(3, 4), (2, 3), (1, 1)], batch=2, queries=3, heads=2, head_dim=3, points=2)
     for tensor in (value, locations, weights):
@@ -118,6 +130,7 @@ def test_gradcheck_float64():
 
 
 def test_query_chunks_match_reference(monkeypatch):
+    monkeypatch.setenv(ms_deform_attn_module.IMPLEMENTATION_VARIABLE, "pytorch")
     # 2 * 2 * 3 * 2 * 4 = 96 corners per query: 2 queries per chunk, the last chunk shorter
     monkeypatch.setattr(ms_deform_attn_module, "_CPU_CHUNK_CORNERS", 200)
     value, spatial_shapes, level_start_index, locations, weights = make_inputs(
@@ -134,7 +147,7 @@ def test_query_chunks_match_reference(monkeypatch):
     assert torch.autograd.gradcheck(op, (value, locations, weights), eps=1e-6, atol=1e-7)
 
 
-def test_float32_matches_float64_reference():
+def test_float32_matches_float64_reference(implementation):
     inputs = make_inputs([(7, 9), (4, 5), (2, 3), (1, 1)], queries=6, heads=2, head_dim=32, points=4,
                          dtype=torch.float32)
     out = multi_scale_deformable_attention(*inputs)
@@ -145,7 +158,7 @@ def test_float32_matches_float64_reference():
 # Half-precision values are accumulated in float32, so the error is the rounding of the result:
 # 2^-11 (float16) and 2^-8 (bfloat16) relative, on outputs of magnitude ~1.
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
-def test_half_precision_values(dtype, tolerance):
+def test_half_precision_values(dtype, tolerance, implementation):
     value, spatial_shapes, level_start_index, locations, weights = make_inputs(
         [(7, 9), (4, 5), (1, 1)], queries=6, heads=2, head_dim=32, points=4)
     value = value.to(dtype)
@@ -157,7 +170,7 @@ def test_half_precision_values(dtype, tolerance):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_gradients_have_input_dtypes(dtype):
+def test_gradients_have_input_dtypes(dtype, implementation):
     value, spatial_shapes, level_start_index, locations, weights = make_inputs([(4, 5), (2, 2)], queries=3)
     value = value.to(dtype).requires_grad_(True)
     locations = locations.float().requires_grad_(True)
@@ -167,7 +180,7 @@ def test_gradients_have_input_dtypes(dtype):
     assert all(torch.isfinite(g).all() for g in (value.grad, locations.grad, weights.grad))
 
 
-def test_opcheck():
+def test_opcheck(implementation):
     value, spatial_shapes, level_start_index, locations, weights = make_inputs([(3, 4), (1, 2)], queries=3,
                                                                                head_dim=4, points=2)
     args = (value.requires_grad_(True), spatial_shapes, level_start_index, locations.requires_grad_(True),

@@ -26,6 +26,7 @@ What is measured (SPEC section 6):
   The paper configs have the authors' class heads on COCO, a column per category id (91), so the counts
   are theirs as they stand (``MODEL.SPARSE_DETR.CLASS_COLUMNS``).
   The count depends on the image size only, so the weights are random (``MODEL.WEIGHTS`` is ignored).
+  ``--skip-flops`` leaves both counts out (``null``): the trace runs on the CPU and takes a while.
 * ``fps`` and ``b4fps``: images per second through the Detectron2 interface (``model(batched_inputs)``,
   post-processing included) on the inference path that evaluation takes (``TEST.FAST_INFERENCE``,
   ``TEST.PRECISION``: see ``sparse_detr/inference.py``; ``TEST.FAST_INFERENCE False`` times the model as it
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-classes", type=int, default=None,
                         help="override MODEL.SPARSE_DETR.NUM_CLASSES (contiguous class heads of that size)")
     parser.add_argument("--skip-fps", action="store_true", help="parameters and GFLOPs only")
+    parser.add_argument("--skip-flops", action="store_true",
+                        help="no FLOP count (the trace on the CPU takes a while): parameters and speed only")
     parser.add_argument("--compare-plain", action="store_true",
                         help="also time the plain float32 path in the same run: speed-up, machine, share of peak")
     parser.add_argument("--peak-gflops", type=float, default=None,
@@ -336,9 +339,11 @@ def benchmark_config(config_file: Path, args) -> Dict:
     """Every figure of one config, as the JSON object ``--json`` prints."""
     height, width = args.image_size
     cfg, model = build_benchmark_model(config_file, args.opts, args.num_classes)
-    logger.info("%s: counting FLOPs at %dx%d", config_file.name, height, width)
     image = random_image(height, width, args.seed)
-    flops = count_flops(model, image[None])
+    flops = None
+    if not args.skip_flops:
+        logger.info("%s: counting FLOPs at %dx%d", config_file.name, height, width)
+        flops = count_flops(model, image[None])
     result = {
         "config": config_file.name,
         "device": args.device,
@@ -349,8 +354,8 @@ def benchmark_config(config_file: Path, args) -> Dict:
         "class_columns": model.transformer.class_embed[0].out_features,
         "params_m": trainable_parameters(model) / 1e6,
         "params_paper_m": trainable_parameters(model, encoder_auxiliary_heads(model)) / 1e6,
-        "gflops": flops.total / 1e9,
-        "gflops_with_sampling": flops.total_with_sampling / 1e9,
+        "gflops": None if flops is None else flops.total / 1e9,
+        "gflops_with_sampling": None if flops is None else flops.total_with_sampling / 1e9,
         "fps": None, "fps_iqr": None, "b4fps": None, "b4fps_iqr": None, "peak_mem_mb": None,
         "fps_by_batch_size": {}, "peak_mem_mb_by_batch_size": {},
     }
@@ -385,11 +390,11 @@ def benchmark_config(config_file: Path, args) -> Dict:
             first = str(args.batch_sizes[0])
             cpu = cpu_description() if device.type == "cpu" else None
             peak = args.peak_gflops or (cpu_peak_gflops(cpu, path_dtype, torch.get_num_threads()) if cpu else None)
-            achieved = result["gflops"] * result["fps_by_batch_size"][first]
+            achieved = None if flops is None else result["gflops"] * result["fps_by_batch_size"][first]
             result.update(plain_fps=plain_fps.get("1"), plain_b4fps=plain_fps.get("4"),
                           speedup=result["fps_by_batch_size"][first] / plain_fps[first], cpu=cpu,
                           achieved_gflops_per_s=achieved, peak_gflops_per_s=peak,
-                          share_of_peak=None if peak is None else achieved / peak)
+                          share_of_peak=None if peak is None or achieved is None else achieved / peak)
     return result
 
 
@@ -408,8 +413,8 @@ def markdown_table(results: List[Dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['config']} | error: {r['error']} | | | | | | |")
             continue
-        lines.append(f"| {r['config']} | {r['params_paper_m']:.1f} | {r['params_m']:.1f} | {r['gflops']:.1f} "
-                     f"| {r['gflops_with_sampling']:.1f} "
+        lines.append(f"| {r['config']} | {r['params_paper_m']:.1f} | {r['params_m']:.1f} | {_fmt(r['gflops'])} "
+                     f"| {_fmt(r['gflops_with_sampling'])} "
                      f"| {_fmt(r['fps'], '.3g', r['fps_iqr'])} | {_fmt(r['b4fps'], '.3g', r['b4fps_iqr'])} "
                      f"| {_fmt(r['peak_mem_mb'], '.0f')} |")
     first = next((r for r in results if "error" not in r), None)
@@ -429,7 +434,7 @@ def comparison_table(results: List[Dict]) -> str:
         if "error" in r or r.get("speedup") is None:
             continue
         lines.append(f"| {r['config']} | {1e3 / r['plain_fps']:.0f} | {1e3 / r['fps']:.0f} | {r['speedup']:.2f}x "
-                     f"| {r['inference_path']} | {r['gflops']:.1f} | {r['achieved_gflops_per_s']:.0f} "
+                     f"| {r['inference_path']} | {_fmt(r['gflops'])} | {_fmt(r['achieved_gflops_per_s'], '.0f')} "
                      f"| {_fmt(r['peak_gflops_per_s'], '.0f')} | {_fmt(r['share_of_peak'], '.0%')} |")
     cpu = next((r["cpu"] for r in results if r.get("cpu")), None)
     if cpu is not None:

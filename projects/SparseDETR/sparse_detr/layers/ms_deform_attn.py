@@ -2,8 +2,23 @@
 
 The operator ``torch.ops.sparse_detr.ms_deform_attn`` is a ``torch.library`` custom op with an
 autograd formula and fake (meta) implementations, so ``torch.compile`` and ``torch.export`` trace
-through it. Its default implementation, used on every device that has no compiled kernel, is
-written in PyTorch: every sampling location contributes to the four neighbouring cells of its
+through it. It has two implementations:
+
+* the compiled kernels of ``sparse_detr._C`` (``csrc/``): one kernel source whose bodies run in a plain
+  loop on the CPU and in a CUDA grid-stride loop on a GPU, registered as this op's CPU and CUDA kernels;
+* the PyTorch implementation below, the reference: exact in float64, used on every device without a
+  compiled kernel.
+
+Which one runs is chosen at every call by the environment variable ``SPARSE_DETR_MS_DEFORM_ATTN``:
+
+* ``auto`` (default): the compiled kernel on the CPU; the PyTorch implementation on CUDA, because the
+  CUDA kernel has not yet passed the GPU check on a real GPU (``projects/SparseDETR/tools/gpu_check.py``),
+  and on any other device. Without ``sparse_detr._C`` (a package used without ``make setup``): PyTorch.
+* ``pytorch``: the PyTorch implementation everywhere.
+* ``compiled``: the compiled kernels on the CPU and on CUDA (an error if ``sparse_detr._C`` or its CUDA
+  part is not built).
+
+The PyTorch implementation: every sampling location contributes to the four neighbouring cells of its
 level with bilinear weights, so the whole operator is one weighted gather-sum
 
     out[n, q, m] = sum_k  w[n, q, m, k] * value[n, idx[n, q, m, k], m]        (k over L * P * 4 corners)
@@ -11,21 +26,34 @@ level with bilinear weights, so the whole operator is one weighted gather-sum
 that ``F.embedding_bag`` computes in one fused pass, without materialising the gathered values.
 The backward differentiates the bilinear weights by hand; the value gradient is the transposed
 gather-sum, computed as another ``F.embedding_bag`` over the corners grouped by value row (one sort).
-
-Speed on the CPU: the queries are processed in chunks, so that temporaries stay small and the
-allocator reuses them instead of mapping (and page-faulting) fresh memory for every step, and the
-per-location arithmetic works on contiguous (N, Lq, M, L, P) tensors (x and y apart) against level
-constants broadcast over the leading dimensions only, which vectorises.
+On the CPU the queries are processed in chunks, so that temporaries stay small and the allocator reuses
+them instead of mapping (and page-faulting) fresh memory for every step, and the per-location arithmetic
+works on contiguous (N, Lq, M, L, P) tensors (x and y apart) against level constants broadcast over the
+leading dimensions only, which vectorises.
 """
-from typing import NamedTuple, Optional
-
+import logging
 import math
+import os
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["multi_scale_deformable_attention", "MSDeformAttn", "DeformableAttentionOutput"]
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATION_VARIABLE = "SPARSE_DETR_MS_DEFORM_ATTN"
+IMPLEMENTATIONS = ("auto", "pytorch", "compiled")
+
+try:  # importing the extension registers torch.ops.sparse_detr_C
+    from .. import _C as _compiled
+    _COMPILED_ERROR = None
+except ImportError as error:
+    _compiled, _COMPILED_ERROR = None, error
+    if not isinstance(error, ModuleNotFoundError):  # built, but it does not load: say why
+        logger.warning("sparse_detr._C does not load (%s): the PyTorch implementation of ms_deform_attn runs", error)
 
 _EMBEDDING_BAG_SUM = 0
 # Corner entries per chunk of queries on the CPU: the largest temporaries are then 4-8 MB, below
@@ -124,9 +152,56 @@ def _corners(levels: _Levels, sampling_locations: Tensor, attention_weights: Ten
                     torch.stack([wy * wx for wy in y_weights for wx in x.weights], -1), x, y)
 
 
-@torch.library.custom_op("sparse_detr::ms_deform_attn", mutates_args=())
-def _ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                    sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+def compiled_kernels_available(device_type: str = "cpu") -> bool:
+    """Whether ``sparse_detr._C`` is built with kernels for ``device_type`` ("cpu" or "cuda")."""
+    if _compiled is None:
+        return False
+    return device_type == "cpu" or (device_type == "cuda" and bool(_compiled.WITH_CUDA))
+
+
+def _use_compiled(device: torch.device) -> bool:
+    """Whether the compiled kernel serves a call on ``device``: ``$SPARSE_DETR_MS_DEFORM_ATTN`` (module docstring)."""
+    choice = os.environ.get(IMPLEMENTATION_VARIABLE, "auto").strip().lower() or "auto"
+    if choice not in IMPLEMENTATIONS:
+        raise ValueError(f"{IMPLEMENTATION_VARIABLE} must be one of {', '.join(IMPLEMENTATIONS)}, got {choice!r}")
+    if choice == "compiled":
+        if _compiled is None:
+            raise RuntimeError(f"{IMPLEMENTATION_VARIABLE}=compiled, but sparse_detr._C is not built "
+                               f"({_COMPILED_ERROR}): run `make setup` (or pip install -e .)")
+        if not compiled_kernels_available(device.type):
+            raise RuntimeError(f"{IMPLEMENTATION_VARIABLE}=compiled, but sparse_detr._C has no {device.type} kernels"
+                               + (": rebuild it with FORCE_CUDA=1" if device.type == "cuda" else ""))
+        return True
+    # auto: the CUDA kernel becomes the default once it has passed the GPU check on a real GPU
+    return choice == "auto" and device.type == "cpu" and _compiled is not None
+
+
+def _compiled_dtypes(value: Tensor, sampling_locations: Tensor, attention_weights: Tensor):
+    """The inputs as the compiled kernels read them: values in their own dtype unless the locations ask for a
+    wider computation (then in the compute dtype), locations and weights in the compute dtype."""
+    dtype = _compute_dtype(value, sampling_locations)
+    kernel_value = value if torch.promote_types(value.dtype, torch.float32) == dtype else value.to(dtype)
+    return kernel_value, sampling_locations.to(dtype), attention_weights.to(dtype)
+
+
+def _compiled_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    kernel_value, locations, weights = _compiled_dtypes(value, sampling_locations, attention_weights)
+    out = torch.ops.sparse_detr_C.ms_deform_attn_forward(kernel_value, spatial_shapes.long(), level_start_index.long(),
+                                                         locations, weights)
+    return out.to(value.dtype)
+
+
+def _compiled_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    kernel_value, locations, weights = _compiled_dtypes(value, sampling_locations, attention_weights)
+    grad_value, grad_locations, grad_attention = torch.ops.sparse_detr_C.ms_deform_attn_backward(
+        grad_output.to(kernel_value.dtype), kernel_value, spatial_shapes.long(), level_start_index.long(), locations,
+        weights)
+    return (grad_value.to(value.dtype), grad_locations.to(sampling_locations.dtype),
+            grad_attention.to(attention_weights.dtype))
+
+
+def _pytorch_forward(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                     sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     n, _, m, d = value.shape
     _, num_queries, _, num_levels, points, _ = sampling_locations.shape
     dtype = _compute_dtype(value, sampling_locations)
@@ -140,6 +215,19 @@ def _ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Te
                                   per_sample_weights=corners.weights.view(-1, corners_per_bag), mode="sum")
         out[:, chunk] = sampled.view(n, -1, m * d)
     return out.to(value.dtype)
+
+
+@torch.library.custom_op("sparse_detr::ms_deform_attn", mutates_args=())
+def _ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                    sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    """The PyTorch implementation serves devices without a compiled kernel; CPU and CUDA: see below."""
+    return _pytorch_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+@_ms_deform_attn.register_kernel(("cpu", "cuda"))
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    forward = _compiled_forward if _use_compiled(value.device) else _pytorch_forward
+    return forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 @_ms_deform_attn.register_fake
@@ -169,9 +257,8 @@ def _transposed_bag_sum(rows: Tensor, weights: Tensor, grad: Tensor, num_rows: i
     return F.embedding_bag(source_bags, grad, offsets, per_sample_weights=sorted_weights, mode="sum")
 
 
-@torch.library.custom_op("sparse_detr::ms_deform_attn_backward", mutates_args=())
-def _ms_deform_attn_backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                             sampling_locations: Tensor, attention_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _pytorch_backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                      sampling_locations: Tensor, attention_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     n, _, m, d = value.shape
     _, num_queries, _, num_levels, points, _ = sampling_locations.shape
     dtype, index_dtype = _compute_dtype(value, sampling_locations), _index_dtype(value)
@@ -211,6 +298,19 @@ def _ms_deform_attn_backward(grad_output: Tensor, value: Tensor, spatial_shapes:
                                      grad.reshape(-1, d), table.shape[0])
     return (grad_table.view(value.shape).to(value.dtype), grad_locations.to(sampling_locations.dtype),
             grad_attention.to(attention_weights.dtype))
+
+
+@torch.library.custom_op("sparse_detr::ms_deform_attn_backward", mutates_args=())
+def _ms_deform_attn_backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                             sampling_locations: Tensor, attention_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return _pytorch_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                             attention_weights)
+
+
+@_ms_deform_attn_backward.register_kernel(("cpu", "cuda"))
+def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    backward = _compiled_backward if _use_compiled(value.device) else _pytorch_backward
+    return backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 @_ms_deform_attn_backward.register_fake
