@@ -15,7 +15,7 @@ from detectron2.modeling import build_model
 
 import sparse_detr
 from sparse_detr.dataset_mapper import DetrDatasetMapper
-from sparse_detr.engine import ResumableTrainLoader
+from sparse_detr.engine import ResumableTrainLoader, channels_last_backbone
 from sparse_detr.solver import apply_epoch_schedule, build_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,6 +162,40 @@ def test_bfloat16_autocast_training_step_is_finite():
     total.backward()
     assert torch.isfinite(total)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_channels_last_backbone_trains_like_the_contiguous_one(make_batch):
+    """Same state dict (values and shapes), same losses and gradients up to float32 rounding; weights channels-last."""
+    torch.manual_seed(0)
+    contiguous = build_model(demo_cfg()).train()
+    fast = channels_last_backbone(build_model(demo_cfg()).train())
+    fast.load_state_dict(contiguous.state_dict())
+    convs = [p for name, p in fast.backbone.named_parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert any(not p.is_contiguous() for p in convs)  # 3x3 kernels really changed layout (1x1 ones are both)
+    assert all(torch.equal(a, b) and a.shape == b.shape
+               for a, b in zip(contiguous.state_dict().values(), fast.state_dict().values()))
+    batch = make_batch(dict(height=96, width=128, boxes=[[10, 12, 60, 70]], classes=[1]),
+                       dict(height=80, width=112, boxes=[[30, 5, 90, 50]], classes=[3]))
+    losses = []
+    for model in (contiguous, fast):
+        torch.manual_seed(1)
+        total = sum(model([dict(item) for item in batch]).values())
+        total.backward()
+        losses.append(total.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    for (name, a), b in zip(contiguous.named_parameters(), fast.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_trainer_builds_channels_last_models_on_the_cpu():
+    sys.path.insert(0, PROJECT)
+    import train_net
+
+    model = train_net.Trainer.build_model(demo_cfg())
+    convs = [p for p in model.backbone.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
 
 
 # ---- train_net.py -----------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from sparse_detr.cli import (USER_ERRORS, check_weights_file, launch_reporting_u
                              make_output_dir, report_user_error)
 from sparse_detr.dataset_mapper import DetrDatasetMapper
 from sparse_detr.datasets import build_test_loader, check_dataset_files, check_num_classes, load_train_dicts
-from sparse_detr.engine import MixedPrecisionTrainer, ResumableTrainLoader, StepSeedHook, UnreadableImagesReport
+from sparse_detr.engine import (MixedPrecisionTrainer, ResumableTrainLoader, StepSeedHook, UnreadableImagesReport,
+                                channels_last_backbone)
 from sparse_detr.evaluation import DAMRecallEvaluator
 from sparse_detr.inference import build_inference_model
 from sparse_detr.solver import apply_epoch_schedule, build_optimizer
@@ -74,6 +75,11 @@ class Trainer(DefaultTrainer):
                            "only the console and metrics.json")
             return default_writers(self.cfg.OUTPUT_DIR, self.max_iter)[:2]
         return default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
+
+    @classmethod
+    def build_model(cls, cfg):
+        """Detectron2's model, its backbone channels-last on the CPU (sparse_detr.engine.channels_last_backbone)."""
+        return channels_last_backbone(super().build_model(cfg))
 
     @classmethod
     def build_optimizer(cls, cfg, model):
