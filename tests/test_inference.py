@@ -3,6 +3,8 @@
 Tiny models of every config family (conftest's TINY transformer on the config's backbone) with their
 frozen batch norms given random statistics, so that folding them changes every convolution.
 """
+from pathlib import Path
+
 import pytest
 import torch
 from detectron2.layers import FrozenBatchNorm2d
@@ -193,3 +195,58 @@ def test_padding_invariant_detections_do_not_depend_on_the_batch(config_name, ma
         torch.testing.assert_close(batched.scores, alone.scores, rtol=0, atol=1e-6)
         assert torch.equal(batched.pred_classes, alone.pred_classes)
         torch.testing.assert_close(batched.pred_boxes.tensor, alone.pred_boxes.tensor, rtol=0, atol=1e-3)
+
+
+# ---- bfloat16 on the trained demo model ----------------------------------------------------------------
+
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "data" / "demo_model" / "model_final_fp16.pth"
+BF16_SCORE_ATOL = 0.03  # a detection's score, bf16 against float32
+BF16_MIN_IOU = 0.9  # its box
+BF16_MARGIN = 0.05  # detections this close to the threshold may fall on either side of it
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from detectron2.structures import Boxes, pairwise_iou
+
+    return pairwise_iou(Boxes(a), Boxes(b))
+
+
+def demo_val_images(count: int):
+    """``count`` images as the demo's val split draws them (the generator's own seeds), as model inputs."""
+    from sparse_detr.data.synthetic import DEFAULT_SEED, _image_rng, render_sample
+
+    items = []
+    for index in range(count):
+        image = render_sample(_image_rng(DEFAULT_SEED, "val", index)).image  # RGB (INPUT.FORMAT), H x W x 3
+        items.append({"image": torch.from_numpy(image).permute(2, 0, 1).contiguous()})
+    return items
+
+
+def test_bfloat16_on_the_trained_demo_model_keeps_its_detections(project_cfg):
+    """The demo model trained by `make demo` (weights in float16, tests/data/demo_model): every detection the
+    float32 fast path shows (score above the demo's threshold) is shown by the bf16 path with the same class,
+    a score within 0.03 and a box of IoU >= 0.9, and the bf16 path shows nothing else."""
+    cfg = project_cfg("demo.yaml", tiny=False)
+    model = build_model(cfg)
+    state = torch.load(DEMO_WEIGHTS, map_location="cpu", weights_only=True)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    model.eval()
+    inputs = demo_val_images(12)
+    threshold = cfg.TEST.CONFIDENCE_THRESHOLD
+    with torch.no_grad():
+        fp32 = FastInferenceModel(model, torch.float32)(inputs)
+        bf16 = FastInferenceModel(model, torch.bfloat16)(inputs)
+    shown = 0
+    for expected, actual in zip(fp32, bf16):
+        e, a = expected["instances"], actual["instances"]
+        for sure, other in ((e, a), (a, e)):  # both ways: nothing lost, nothing added
+            keep = sure[sure.scores >= threshold + BF16_MARGIN]
+            candidates = other[other.scores >= threshold - BF16_MARGIN]
+            shown += len(keep)
+            for i in range(len(keep)):
+                same = (candidates.pred_classes == keep.pred_classes[i]) & (
+                    (candidates.scores - keep.scores[i]).abs() <= BF16_SCORE_ATOL)
+                assert same.any(), f"detection {i} (score {keep.scores[i]:.3f}) has no bf16 counterpart"
+                iou = box_iou(keep.pred_boxes.tensor[i:i + 1], candidates.pred_boxes.tensor[same]).max()
+                assert iou >= BF16_MIN_IOU
+    assert shown >= 12  # the images do show objects
