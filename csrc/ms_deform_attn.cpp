@@ -51,6 +51,20 @@ Problem check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, 
   return problem;
 }
 
+Inputs contiguous_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                         const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                         const at::Tensor& attention_weights) {
+  return {value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
+          sampling_locations.contiguous(), attention_weights.contiguous()};
+}
+
+void check_grad_output(const Problem& problem, const at::Tensor& grad_output, const at::Tensor& value) {
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({problem.batch, problem.queries, problem.heads * problem.channels}) &&
+                  grad_output.scalar_type() == value.scalar_type() && grad_output.device() == value.device(),
+              "grad_output must be (N, Lq, M * D) like the forward's output, got ", grad_output.sizes(), " ",
+              grad_output.scalar_type());
+}
+
 }  // namespace sparse_detr
 
 TORCH_LIBRARY(sparse_detr_C, m) {

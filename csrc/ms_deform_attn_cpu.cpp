@@ -206,60 +206,33 @@ void check_levels(const Problem& problem, const at::Tensor& spatial_shapes, cons
   }
 }
 
-at::Tensor forward_cpu(const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
-                       const at::Tensor& level_start_index_in, const at::Tensor& sampling_locations_in,
-                       const at::Tensor& attention_weights_in, bool force_int64_index) {
-  const Problem problem =
-      check_inputs(value_in, spatial_shapes_in, level_start_index_in, sampling_locations_in, attention_weights_in);
-  const at::Tensor value = value_in.contiguous();
-  const at::Tensor spatial_shapes = spatial_shapes_in.contiguous();
-  const at::Tensor level_start_index = level_start_index_in.contiguous();
-  const at::Tensor sampling_locations = sampling_locations_in.contiguous();
-  const at::Tensor attention_weights = attention_weights_in.contiguous();
-  check_levels(problem, spatial_shapes, level_start_index);
+at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                       const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                       bool force_int64_index) {
+  const Problem problem = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const Inputs in = contiguous_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_levels(problem, in.spatial_shapes, in.level_start_index);
   at::Tensor output = at::empty({problem.batch, problem.queries, problem.heads * problem.channels}, value.options());
   if (output.numel() == 0) {
     return output;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-    using acc_t = acc_type<scalar_t>;
-    auto launch = [&](auto index_zero) {
-      using index_t = decltype(index_zero);
-      const ForwardArgs<scalar_t, index_t> args{
-          value.const_data_ptr<scalar_t>(),           spatial_shapes.const_data_ptr<int64_t>(),
-          level_start_index.const_data_ptr<int64_t>(), sampling_locations.const_data_ptr<acc_t>(),
-          attention_weights.const_data_ptr<acc_t>(),  output.mutable_data_ptr<scalar_t>(),
-          problem.sizes<index_t>()};
-      run_forward(problem, args);
-    };
-    if (!force_int64_index && problem.fits_int32()) {
-      launch(int32_t{0});
-    } else {
-      launch(int64_t{0});
-    }
+    with_index_type(problem.fits_int32(), force_int64_index, [&](auto index_zero) {
+      run_forward(problem, in.forward_args<scalar_t, decltype(index_zero)>(problem, output));
+    });
   });
   return output;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& grad_output_in, const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
-    const at::Tensor& level_start_index_in, const at::Tensor& sampling_locations_in,
-    const at::Tensor& attention_weights_in, bool force_int64_index) {
-  const Problem problem =
-      check_inputs(value_in, spatial_shapes_in, level_start_index_in, sampling_locations_in, attention_weights_in);
-  TORCH_CHECK(grad_output_in.sizes() == at::IntArrayRef({problem.batch, problem.queries,
-                                                         problem.heads * problem.channels}) &&
-                  grad_output_in.scalar_type() == value_in.scalar_type() &&
-                  grad_output_in.device() == value_in.device(),
-              "grad_output must be (N, Lq, M * D) like the forward's output, got ", grad_output_in.sizes(), " ",
-              grad_output_in.scalar_type());
+    const at::Tensor& grad_output_in, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    bool force_int64_index) {
+  const Problem problem = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_grad_output(problem, grad_output_in, value);
   const at::Tensor grad_output = grad_output_in.contiguous();
-  const at::Tensor value = value_in.contiguous();
-  const at::Tensor spatial_shapes = spatial_shapes_in.contiguous();
-  const at::Tensor level_start_index = level_start_index_in.contiguous();
-  const at::Tensor sampling_locations = sampling_locations_in.contiguous();
-  const at::Tensor attention_weights = attention_weights_in.contiguous();
-  check_levels(problem, spatial_shapes, level_start_index);
+  const Inputs in = contiguous_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_levels(problem, in.spatial_shapes, in.level_start_index);
 
   // The value gradient is summed in the accumulation type (a float32 buffer for half-precision values).
   const at::TensorOptions acc_options = value.options().dtype(at::toOpMathType(value.scalar_type()));
@@ -273,22 +246,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   if (grad_output.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu",
                                     [&] {
-      using acc_t = acc_type<scalar_t>;
-      auto launch = [&](auto index_zero) {
-        using index_t = decltype(index_zero);
-        const BackwardArgs<scalar_t, index_t> args{
-            grad_output.const_data_ptr<scalar_t>(),      value.const_data_ptr<scalar_t>(),
-            spatial_shapes.const_data_ptr<int64_t>(),    level_start_index.const_data_ptr<int64_t>(),
-            sampling_locations.const_data_ptr<acc_t>(),  attention_weights.const_data_ptr<acc_t>(),
-            grad_value.mutable_data_ptr<acc_t>(),        grad_locations.mutable_data_ptr<acc_t>(),
-            grad_weights.mutable_data_ptr<acc_t>(),      problem.sizes<index_t>()};
-        run_backward(problem, args);
-      };
-      if (!force_int64_index && problem.fits_int32()) {
-        launch(int32_t{0});
-      } else {
-        launch(int64_t{0});
-      }
+      with_index_type(problem.fits_int32(), force_int64_index, [&](auto index_zero) {
+        run_backward(problem, in.backward_args<scalar_t, decltype(index_zero)>(problem, grad_output, grad_value,
+                                                                               grad_locations, grad_weights));
+      });
     });
   }
   return {grad_value.to(value.scalar_type()), grad_locations, grad_weights};

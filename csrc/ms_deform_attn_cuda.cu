@@ -60,33 +60,23 @@ int channels_per_unit(int64_t channels, std::initializer_list<const void*> point
   return vectors ? kVector : 1;
 }
 
-at::Tensor forward_cuda(const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
-                        const at::Tensor& level_start_index_in, const at::Tensor& sampling_locations_in,
-                        const at::Tensor& attention_weights_in, bool force_int64_index) {
-  const Problem problem =
-      check_inputs(value_in, spatial_shapes_in, level_start_index_in, sampling_locations_in, attention_weights_in);
-  const c10::cuda::CUDAGuard device_guard(value_in.device());
-  const at::Tensor value = value_in.contiguous();
-  const at::Tensor spatial_shapes = spatial_shapes_in.contiguous();
-  const at::Tensor level_start_index = level_start_index_in.contiguous();
-  const at::Tensor sampling_locations = sampling_locations_in.contiguous();
-  const at::Tensor attention_weights = attention_weights_in.contiguous();
+at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                        const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                        bool force_int64_index) {
+  const Problem problem = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const c10::cuda::CUDAGuard device_guard(value.device());
+  const Inputs in = contiguous_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   at::Tensor output = at::empty({problem.batch, problem.queries, problem.heads * problem.channels}, value.options());
   if (output.numel() == 0) {
     return output;
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const int channels = channels_per_unit<scalar_t>(problem.channels, {value.const_data_ptr(), output.const_data_ptr()});
+    const int channels =
+        channels_per_unit<scalar_t>(problem.channels, {in.value.const_data_ptr(), output.const_data_ptr()});
     const int64_t units = problem.batch * problem.queries * problem.heads * (problem.channels / channels);
-    auto launch = [&](auto index_zero) {
-      using index_t = decltype(index_zero);
-      const ForwardArgs<scalar_t, index_t> args{
-          value.const_data_ptr<scalar_t>(),           spatial_shapes.const_data_ptr<int64_t>(),
-          level_start_index.const_data_ptr<int64_t>(), sampling_locations.const_data_ptr<acc_t>(),
-          attention_weights.const_data_ptr<acc_t>(),  output.mutable_data_ptr<scalar_t>(),
-          problem.sizes<index_t>()};
+    with_index_type(problem.fits_int32(units), force_int64_index, [&](auto index_zero) {
+      const auto args = in.forward_args<scalar_t, decltype(index_zero)>(problem, output);
       constexpr int kVector = kVectorBytes / sizeof(scalar_t);
       if (channels == kVector) {
         forward_kernel<kVector><<<blocks_for(units), kThreads, 0, stream>>>(args, units);
@@ -94,35 +84,20 @@ at::Tensor forward_cuda(const at::Tensor& value_in, const at::Tensor& spatial_sh
         forward_kernel<1><<<blocks_for(units), kThreads, 0, stream>>>(args, units);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (!force_int64_index && problem.fits_int32(units)) {
-      launch(int32_t{0});
-    } else {
-      launch(int64_t{0});
-    }
+    });
   });
   return output;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
-    const at::Tensor& grad_output_in, const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
-    const at::Tensor& level_start_index_in, const at::Tensor& sampling_locations_in,
-    const at::Tensor& attention_weights_in, bool force_int64_index) {
-  const Problem problem =
-      check_inputs(value_in, spatial_shapes_in, level_start_index_in, sampling_locations_in, attention_weights_in);
-  TORCH_CHECK(grad_output_in.sizes() == at::IntArrayRef({problem.batch, problem.queries,
-                                                         problem.heads * problem.channels}) &&
-                  grad_output_in.scalar_type() == value_in.scalar_type() &&
-                  grad_output_in.device() == value_in.device(),
-              "grad_output must be (N, Lq, M * D) like the forward's output, got ", grad_output_in.sizes(), " ",
-              grad_output_in.scalar_type());
-  const c10::cuda::CUDAGuard device_guard(value_in.device());
+    const at::Tensor& grad_output_in, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    bool force_int64_index) {
+  const Problem problem = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_grad_output(problem, grad_output_in, value);
+  const c10::cuda::CUDAGuard device_guard(value.device());
   const at::Tensor grad_output = grad_output_in.contiguous();
-  const at::Tensor value = value_in.contiguous();
-  const at::Tensor spatial_shapes = spatial_shapes_in.contiguous();
-  const at::Tensor level_start_index = level_start_index_in.contiguous();
-  const at::Tensor sampling_locations = sampling_locations_in.contiguous();
-  const at::Tensor attention_weights = attention_weights_in.contiguous();
+  const Inputs in = contiguous_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
 
   const at::TensorOptions acc_options = value.options().dtype(at::toOpMathType(value.scalar_type()));
   at::Tensor grad_value = at::zeros(value.sizes(), acc_options);
@@ -133,19 +108,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda",
                                     [&] {
-      using acc_t = acc_type<scalar_t>;
       const int channels =
-          channels_per_unit<scalar_t>(problem.channels, {value.const_data_ptr(), grad_output.const_data_ptr()});
+          channels_per_unit<scalar_t>(problem.channels, {in.value.const_data_ptr(), grad_output.const_data_ptr()});
       const int64_t units = problem.batch * problem.queries * problem.heads * problem.levels * problem.points *
                             (problem.channels / channels);
-      auto launch = [&](auto index_zero) {
-        using index_t = decltype(index_zero);
-        const BackwardArgs<scalar_t, index_t> args{
-            grad_output.const_data_ptr<scalar_t>(),      value.const_data_ptr<scalar_t>(),
-            spatial_shapes.const_data_ptr<int64_t>(),    level_start_index.const_data_ptr<int64_t>(),
-            sampling_locations.const_data_ptr<acc_t>(),  attention_weights.const_data_ptr<acc_t>(),
-            grad_value.mutable_data_ptr<acc_t>(),        grad_locations.mutable_data_ptr<acc_t>(),
-            grad_weights.mutable_data_ptr<acc_t>(),      problem.sizes<index_t>()};
+      with_index_type(problem.fits_int32(units), force_int64_index, [&](auto index_zero) {
+        const auto args = in.backward_args<scalar_t, decltype(index_zero)>(problem, grad_output, grad_value,
+                                                                           grad_locations, grad_weights);
         constexpr int kVector = kVectorBytes / sizeof(scalar_t);
         if (channels == kVector) {
           backward_kernel<kVector><<<blocks_for(units), kThreads, 0, stream>>>(args, units);
@@ -153,12 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
           backward_kernel<1><<<blocks_for(units), kThreads, 0, stream>>>(args, units);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (!force_int64_index && problem.fits_int32(units)) {
-        launch(int32_t{0});
-      } else {
-        launch(int64_t{0});
-      }
+      });
     });
   }
   return {grad_value.to(value.scalar_type()), grad_locations, grad_weights};
