@@ -5,6 +5,8 @@ shrinks the transformer to hidden 32, 2 heads, 2 encoder and 2 decoder layers, F
 5 classes, without dropout. The backbone stays the config's (ResNet-50 or Swin-T): its parameter layout
 is what the checkpoint tests need, and on 20x30 images it costs little.
 """
+import importlib.util
+import logging
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,34 @@ CONFORMANCE_DIR = REPO_ROOT.parent / "shared" / "conformance"
 
 TINY = {"HIDDEN_DIM": 32, "NHEADS": 2, "ENC_LAYERS": 2, "DEC_LAYERS": 2, "DIM_FEEDFORWARD": 64,
         "NUM_QUERIES": 10, "NUM_CLASSES": 5, "DROPOUT": 0.0}
+
+
+@pytest.fixture(autouse=True)
+def logging_as_before():
+    """Tools run in-process (train_net, demo, export) set up Detectron2's loggers with handlers on pytest's
+    captured streams, which are closed after the test: remove them (and setup_logger's cache), so that later
+    tests log normally, whatever the order."""
+    from detectron2.utils.logger import setup_logger
+
+    def handlers():
+        named = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
+        return {logger: list(logger.handlers) for logger in [logging.getLogger(), *named]}
+
+    before = handlers()
+    yield
+    for logger, current in handlers().items():
+        for handler in current:
+            if handler not in before.get(logger, ()):
+                logger.removeHandler(handler)
+    setup_logger.cache_clear()
+
+
+def load_script(path, name: str):
+    """A project script (train_net.py, benchmark.py, a tool) imported as the module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_config(config_name: str, tiny: bool = True, **overrides):

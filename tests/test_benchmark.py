@@ -4,7 +4,6 @@ Tiny models (conftest's TINY transformer on the config's ResNet-50) on 64x96 ima
 level sizes of a 64x96 image are 8x12, 4x6, 2x3 and 1x2: 128 tokens, of which rho = 0.1 keeps
 floor(12.8) + 1 = 13.
 """
-import importlib.util
 import json
 import math
 import os
@@ -18,7 +17,7 @@ from fvcore.nn import FlopCountAnalysis
 from sparse_detr.flops import SAMPLING_TAPS, authors_op_handles, count_flops
 from sparse_detr.layers import multi_scale_deformable_attention
 
-from conftest import REPO_ROOT, TINY
+from conftest import REPO_ROOT, TINY, load_script
 
 BENCHMARK_PATH = REPO_ROOT / "projects" / "SparseDETR" / "benchmark.py"
 HEIGHT, WIDTH = 64, 96
@@ -28,10 +27,7 @@ TOKENS = sum(h * w for h, w in LEVEL_SHAPES)
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("sparse_detr_benchmark", BENCHMARK_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCHMARK_PATH, "sparse_detr_benchmark")
 
 
 @pytest.fixture(autouse=True)
@@ -105,7 +101,7 @@ def test_scaling_study(benchmark, tmp_path):
     args = benchmark.build_parser().parse_args(
         ["--scaling", "--device", "cpu", "--scaling-sizes", "48", "--scaling-repeats", "1", "--scaling-warmup", "0",
          "--config-file", "sparse_detr_r50_rho0.1.yaml"] + " ".join(overrides).split())
-    rows = benchmark.scaling_study([benchmark.resolve_config(c) for c in args.config_file], args)
+    rows = benchmark.scaling_study([benchmark.resolve_config_file(c) for c in args.config_file], args)
     assert [(r["short_side"], r["image_size"]) for r in rows] == [(48, [48, 72])]
     assert 0 < rows[0]["encoder_ms"] < rows[0]["total_ms"]
     benchmark.plot_scaling(rows, tmp_path / "scaling.png", "CPU")

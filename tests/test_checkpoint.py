@@ -4,7 +4,6 @@ The authors' detector layout comes from the conformance fixture (its key list, s
 weights drawn by tests/official_weights.py); the backbone files are built here from torchvision's
 ResNet-50 and Detectron2's Swin-T under the names their official releases use.
 """
-import importlib.util
 import os
 import re
 import subprocess
@@ -16,7 +15,7 @@ import torchvision
 from detectron2.modeling import build_model
 
 import official_weights
-from conftest import CONFORMANCE_FIXTURE, REPO_ROOT, build_config
+from conftest import CONFORMANCE_FIXTURE, REPO_ROOT, build_config, load_script
 from sparse_detr.checkpoint import SparseDETRCheckpointer, convert_checkpoint, convert_state_dict
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -24,13 +23,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 CONVERTER = REPO_ROOT / "projects" / "SparseDETR" / "convert_official_weights.py"
 UNUSED_COCO_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}  # ids 1..90 that COCO never uses
 COCO_IDS = [i for i in range(1, 91) if i not in UNUSED_COCO_IDS]  # in Detectron2's contiguous order
-
-
-def load_module(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +46,7 @@ def fixture_model(recipe):
 
 @pytest.fixture(scope="module")
 def converter_main():
-    return load_module("convert_official_weights", CONVERTER).main
+    return load_script(CONVERTER, "convert_official_weights").main
 
 
 def convert_file(tmp_path, checkpoint):

@@ -84,6 +84,17 @@ def test_copied_config_finds_its_base_among_the_projects_configs(tmp_path):
         load_config(str(tmp_path / "orphan.yaml"))
 
 
+def test_a_bare_config_name_is_found_among_the_projects_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no demo.yaml here
+    cfg = load_config("demo.yaml")
+    assert cfg.MODEL.SPARSE_DETR.NUM_CLASSES == 5 and cfg.TEST.CONFIDENCE_THRESHOLD == 0.33
+    with pytest.raises(FileNotFoundError, match="config file 'nothing.yaml' does not exist \\(nor is it one of the "
+                                                "project's configs"):
+        load_config("nothing.yaml")
+    with pytest.raises(FileNotFoundError, match="config file 'sub/demo.yaml' does not exist"):
+        load_config("sub/demo.yaml")  # a path is taken as given
+
+
 def test_broken_yaml_names_the_file_and_the_line(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text(f'_BASE_: "{DEMO_CONFIG}"\nMODEL:\n  SPARSE_DETR:\n    RHO: 0.2\n   NUM_CLASSES: 3\n')

@@ -7,7 +7,6 @@ to ONNX. The exported graphs must return the Detectron2 model's own detections (
 the rescale to another size) on two inputs.
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -193,7 +192,7 @@ def test_export_errors(tmp_path, capsys):
     assert "dynamic sizes are not supported" in export_error(base + ["--height", "64", "--width", "-1"], capsys)
     assert "must be a positive integer, got 0" in export_error(base + ["--height", "0", "--width", "96"], capsys)
     assert "invalid choice: 'tflite'" in export_error(base[:2] + ["--format", "tflite"] + base[4:] + size, capsys)
-    assert "no config file nope.yaml" in export_error(["--config-file", "nope.yaml"] + base[2:] + size, capsys)
+    assert "config file 'nope.yaml' does not exist" in export_error(["--config-file", "nope.yaml"] + base[2:] + size, capsys)
     assert "use it with --format onnx" in export_error(
         base[:2] + ["--format", "torch"] + base[4:] + size + ["--benchmark"], capsys)
     assert "fewer than the 30 proposals the two-stage head selects" in export_error(

@@ -1,6 +1,5 @@
 """The GPU check (projects/SparseDETR/tools/gpu_check.py): its dry run on the CPU, the goals it reads off the op
 benchmark, the op benchmark's byte count, and the detectron2 wheel that scripts/fetch_device_wheels.py packs."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,21 +8,14 @@ import zipfile
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 
 TOOLS = REPO_ROOT / "projects" / "SparseDETR" / "tools"
 
 
-def load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def gpu_check():
-    return load(TOOLS / "gpu_check.py", "gpu_check")
+    return load_script(TOOLS / "gpu_check.py", "gpu_check")
 
 
 def test_dry_run_on_the_cpu(tmp_path):
@@ -58,7 +50,7 @@ def test_goals_read_off_the_op_benchmark(gpu_check):
 
 
 def test_op_benchmark_counts_each_input_once():
-    benchmark = load(TOOLS / "benchmark_ms_deform_attn.py", "benchmark_ms_deform_attn")
+    benchmark = load_script(TOOLS / "benchmark_ms_deform_attn.py", "benchmark_ms_deform_attn")
     forward, both = benchmark.bytes_to_move(batch=1, num_queries=10, dtype=benchmark.DTYPES["bfloat16"])
     values = 19947 * 8 * 32 * 2
     outputs = 10 * 8 * 32 * 2
@@ -70,7 +62,7 @@ def test_op_benchmark_counts_each_input_once():
 def test_detectron2_wheel_keeps_the_python_package_only(tmp_path):
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
     try:
-        fetch = load(REPO_ROOT / "scripts" / "fetch_device_wheels.py", "fetch_device_wheels")
+        fetch = load_script(REPO_ROOT / "scripts" / "fetch_device_wheels.py", "fetch_device_wheels")
     finally:
         sys.path.remove(str(REPO_ROOT / "scripts"))
     source = tmp_path / "sal_detectron2-0.7.2-cp310-cp310-linux_x86_64.whl"

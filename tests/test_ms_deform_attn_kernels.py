@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from contextlib import contextmanager
 from shutil import which
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 from detectron2.utils.events import EventStorage
 
 import sparse_detr._C
-from sparse_detr.layers import multi_scale_deformable_attention
+from sparse_detr.layers import multi_scale_deformable_attention, use_implementation
 from sparse_detr.layers import ms_deform_attn as ms_deform_attn_module
 
 from conftest import REPO_ROOT
@@ -34,23 +33,10 @@ TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@contextmanager
-def implementation(name):
-    previous = os.environ.get(VARIABLE)
-    os.environ[VARIABLE] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[VARIABLE]
-        else:
-            os.environ[VARIABLE] = previous
-
-
 def run_op(name, value, spatial_shapes, level_start_index, locations, weights, grad_output):
     """Output and (value, locations, weights) gradients of the public op through one implementation."""
     leaves = [t.detach().clone().requires_grad_(True) for t in (value, locations, weights)]
-    with implementation(name):
+    with use_implementation(name):
         out = multi_scale_deformable_attention(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2])
         grads = torch.autograd.grad(out, leaves, grad_output.to(out.dtype))
     return (out.detach(),) + grads
@@ -118,6 +104,25 @@ def test_switch_rejects_unknown_values(monkeypatch):
     monkeypatch.setenv(VARIABLE, "cuda")
     with pytest.raises(ValueError, match=f"{VARIABLE} must be one of auto, pytorch, compiled, got 'cuda'"):
         multi_scale_deformable_attention(*make_inputs([(3, 4)], queries=2))
+
+
+def test_use_implementation_sets_and_restores_the_switch(monkeypatch):
+    compiled_calls = []
+    original = ms_deform_attn_module._compiled_forward
+    monkeypatch.setattr(ms_deform_attn_module, "_compiled_forward",
+                        lambda *args: compiled_calls.append(1) or original(*args))
+    monkeypatch.setenv(VARIABLE, "compiled")
+    with use_implementation("pytorch"):
+        assert os.environ[VARIABLE] == "pytorch"
+        multi_scale_deformable_attention(*make_inputs([(3, 4)], queries=2))
+    assert os.environ[VARIABLE] == "compiled" and compiled_calls == []
+    monkeypatch.delenv(VARIABLE)
+    with use_implementation("compiled"):
+        multi_scale_deformable_attention(*make_inputs([(3, 4)], queries=2))
+    assert VARIABLE not in os.environ and len(compiled_calls) == 1
+    with pytest.raises(ValueError, match="must be one of auto, pytorch, compiled, got 'cuda'"):
+        with use_implementation("cuda"):
+            pass
 
 
 # ---- the compiled CPU kernel against the PyTorch implementation ----------------------------------------
@@ -218,7 +223,7 @@ def test_non_contiguous_inputs():
     strided = (strided_value, spatial_shapes.t().contiguous().t(), level_start_index, strided_locations,
                strided_weights)
     strided_grad = grad_output.transpose(0, 1).contiguous().transpose(0, 1)
-    with implementation("compiled"):  # the registered op, without the public function's .contiguous()
+    with use_implementation("compiled"):  # the registered op, without the public function's .contiguous()
         direct = ((torch.ops.sparse_detr.ms_deform_attn(*strided),)
                   + torch.ops.sparse_detr.ms_deform_attn_backward(strided_grad, *strided))
     for actual in (run_op("compiled", *strided, grad_output), direct):
@@ -296,7 +301,7 @@ def test_a_training_step_gives_the_same_gradients(tiny_model, make_batch, single
     for name in ("pytorch", "compiled"):
         model = tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float64).train()
         model.backbone.requires_grad_(False)
-        with implementation(name), EventStorage():
+        with use_implementation(name), EventStorage():
             losses = model(batch)
             sum(losses.values()).backward()
         results[name] = ({k: v.detach() for k, v in losses.items()},

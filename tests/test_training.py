@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from detectron2.config import get_cfg
-from detectron2.data import detection_utils
 from detectron2.modeling import build_model
 
 import sparse_detr

@@ -69,9 +69,9 @@ from tqdm import tqdm
 
 from detectron2.modeling import build_model
 
-from sparse_detr.cli import CONFIG_DIR, load_config, reports_user_errors
+from sparse_detr.cli import CONFIG_DIR, load_config, reports_user_errors, resolve_config_file
 from sparse_detr.flops import count_flops
-from sparse_detr.inference import FastInferenceModel, has_native_bf16, inference_precision
+from sparse_detr.inference import FastInferenceModel, cpu_description, inference_precision
 
 logger = logging.getLogger("sparse_detr.benchmark")
 
@@ -126,15 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides as trailing KEY VALUE pairs")
     return parser
-
-
-def resolve_config(name: str) -> Path:
-    path = Path(name)
-    if not path.exists() and (CONFIG_DIR / name).exists():
-        path = CONFIG_DIR / name
-    if not path.exists():
-        raise FileNotFoundError(f"no config file {name} (nor in {CONFIG_DIR})")
-    return path
 
 
 def all_configs() -> List[Path]:
@@ -296,29 +287,6 @@ def compare_speeds(models: Dict[str, torch.nn.Module], image: torch.Tensor, batc
             if step >= warmup:
                 seconds[name] += run
     return {name: Speed(batch_size, s, None) for name, s in seconds.items()}
-
-
-def cpu_description() -> Dict:
-    """Model name, clock and the vector/matrix units of this machine's CPU (Linux /proc/cpuinfo)."""
-    info = {"model": "unknown CPU", "mhz": None, "flags": set()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = (part.strip() for part in line.partition(":"))
-                if key == "model name":
-                    info["model"] = value
-                elif key == "cpu MHz" and info["mhz"] is None:
-                    info["mhz"] = float(value)
-                elif key == "flags":
-                    info["flags"] = set(value.split())
-                if key == "" and info["flags"]:
-                    break
-    except OSError:
-        pass
-    flags = info.pop("flags")
-    info.update(native_bf16=has_native_bf16(), amx_bf16="amx_bf16" in flags, avx512_bf16="avx512_bf16" in flags,
-                avx512f="avx512f" in flags, avx2_fma="avx2" in flags and "fma" in flags)
-    return info
 
 
 def cpu_peak_gflops(cpu: Dict, dtype: torch.dtype, threads: int) -> Optional[float]:
@@ -585,7 +553,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check_arguments(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    configs = [resolve_config(c) for c in args.config_file]
+    configs = [resolve_config_file(c) for c in args.config_file]
 
     if args.scaling:
         rows = scaling_study(configs or [CONFIG_DIR / c for c in SCALING_CONFIGS], args)

@@ -37,10 +37,10 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
 from sparse_detr.checkpoint import SparseDETRCheckpointer
-from sparse_detr.cli import CONFIG_DIR, check_weights_file, load_config, reports_user_errors
+from sparse_detr.cli import check_weights_file, load_config, reports_user_errors, resolve_config_file
 from sparse_detr.deploy import (DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAMES, ExportableDetector, check_input_size,
                                 export_onnx, export_program)
-from sparse_detr.inference import FastInferenceModel, inference_precision
+from sparse_detr.inference import FastInferenceModel, cpu_description, inference_precision
 from sparse_detr.layers.ms_deform_attn_export import SAMPLERS
 from sparse_detr.transformer import kept_token_count
 
@@ -99,15 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides as trailing KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth")
     return parser
-
-
-def resolve_config(name: str) -> Path:
-    path = Path(name)
-    if not path.is_file() and (CONFIG_DIR / name).is_file():
-        path = CONFIG_DIR / name
-    if not path.is_file():
-        raise FileNotFoundError(f"no config file {name} (nor in {CONFIG_DIR})")
-    return path
 
 
 def setup_cfg(config_file: Path, opts: Sequence[str]):
@@ -178,20 +169,6 @@ def example_images(batch: int, height: int, width: int) -> torch.Tensor:
     return torch.rand((batch, 3, height, width), generator=torch.Generator().manual_seed(0)) * 255
 
 
-def cpu_name() -> str:
-    """The CPU's model name, as ``lscpu`` prints it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
-
-
 @torch.no_grad()
 def benchmark(model, onnx_path: str, images: torch.Tensor, threads: int, warmup: int, repeats: int,
               clock_name: str) -> Dict:
@@ -240,7 +217,7 @@ def benchmark_report(result: Dict, config_name: str, images: torch.Tensor, threa
     batch, _, height, width = images.shape
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     box = result["max_box_difference_px"]
-    lines = [f"{config_name}, batch {batch} of {height}x{width}, {cpu_name()}, {threads} thread"
+    lines = [f"{config_name}, batch {batch} of {height}x{width}, {cpu_description()['model']}, {threads} thread"
              f"{'s' if threads > 1 else ''}, {clock_name} clock, load average {load}",
              "",
              "| runtime | median (s) | runs (s) |",
@@ -269,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    config_file = resolve_config(args.config_file)
+    config_file = resolve_config_file(args.config_file)
     cfg = setup_cfg(config_file, args.opts)
     model = build_exported_model(cfg)
     shapes = check_input_size(model, args.height, args.width)

@@ -25,7 +25,8 @@ from .config import add_sparse_detr_config
 from .datasets import register_coco_json_datasets
 
 __all__ = ["CONFIG_DIR", "USER_ERRORS", "ProjectConfig", "check_config", "check_weights_file",
-           "launch_reporting_user_errors", "load_config", "make_output_dir", "report_user_error", "reports_user_errors"]
+           "launch_reporting_user_errors", "load_config", "make_output_dir", "report_user_error", "reports_user_errors",
+           "resolve_config_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -147,17 +148,28 @@ def _floats_for_float_keys(loaded: dict, defaults: dict) -> None:
             loaded[key] = float(value)
 
 
+def resolve_config_file(name: str) -> Path:
+    """``name`` when it is a file, else the project's config of that name (``sparse_detr_r50_rho0.1.yaml``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if (CONFIG_DIR / path.name).is_file() and path.name == name:
+        return CONFIG_DIR / path.name
+    raise FileNotFoundError(f"config file {name!r} does not exist (nor is it one of the project's configs in "
+                            f"{CONFIG_DIR})")
+
+
 def load_config(config_file: str, opts: Sequence[str] = (), *, world_size: int = 1) -> CfgNode:
     """get_cfg -> the Sparse DETR keys -> the file -> the overrides -> :func:`check_config`; not frozen.
 
+    ``config_file`` is a path or the name of one of the project's configs (:func:`resolve_config_file`).
     Also registers the datasets of ``DATASETS.COCO_JSON``. Every problem is a ValueError, KeyError or
     FileNotFoundError whose message names the file (and line) or the key and says what is wrong.
     """
     defaults = get_cfg()
     add_sparse_detr_config(defaults)
     cfg = ProjectConfig(defaults)  # every node of the tree in the class, as yacs compares node types
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"config file {config_file!r} does not exist")
+    config_file = str(resolve_config_file(config_file))
     try:
         cfg.merge_from_file(config_file)
     except yaml.YAMLError as e:

@@ -29,7 +29,7 @@ from .layers import MSDeformAttn
 from .meta_arch import SparseDETR
 from .transformer import TransformerOutput
 
-__all__ = ["FastInferenceModel", "build_inference_model", "fold_batch_norms", "has_native_bf16",
+__all__ = ["FastInferenceModel", "build_inference_model", "cpu_description", "fold_batch_norms", "has_native_bf16",
            "inference_precision"]
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,29 @@ def has_native_bf16() -> bool:
     """True on CPUs with bf16 arithmetic in hardware (AMX tiles or AVX512-BF16), where bf16 pays off."""
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported",
                                                                          "_is_avx512_bf16_supported"))
+
+
+def cpu_description() -> Dict:
+    """Model name, clock and the vector/matrix units of this machine's CPU (Linux /proc/cpuinfo)."""
+    info = {"model": "unknown CPU", "mhz": None, "flags": set()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key == "model name":
+                    info["model"] = value
+                elif key == "cpu MHz" and info["mhz"] is None:
+                    info["mhz"] = float(value)
+                elif key == "flags":
+                    info["flags"] = set(value.split())
+                if key == "" and info["flags"]:
+                    break
+    except OSError:
+        pass
+    flags = info.pop("flags")
+    info.update(native_bf16=has_native_bf16(), amx_bf16="amx_bf16" in flags, avx512_bf16="avx512_bf16" in flags,
+                avx512f="avx512f" in flags, avx2_fma="avx2" in flags and "fma" in flags)
+    return info
 
 
 def inference_precision(precision: str, device: torch.device) -> torch.dtype:

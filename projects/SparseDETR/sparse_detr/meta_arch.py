@@ -48,6 +48,12 @@ def class_head_layout(cfg) -> Tuple[Optional[List[int]], Optional[List[int]]]:
     return columns, ids
 
 
+def is_padded(images: ImageList) -> bool:
+    """Whether an image of the batch is smaller than the batch tensor (host sizes: no device read)."""
+    height, width = images.tensor.shape[-2:]
+    return any((int(h), int(w)) != (height, width) for h, w in images.image_sizes)
+
+
 def masked_group_norm(x: Tensor, norm: nn.GroupNorm, valid: Tensor) -> Tensor:
     """``norm`` (a GroupNorm) with statistics over the valid positions only; 0 at the others.
 
@@ -171,13 +177,13 @@ class SparseDETR(nn.Module):
         The masks are host tensors: each level's is the image mask resized with nearest interpolation, or,
         with ``padding_invariant``, the extent of each image's own maps.
         """
-        _, _, height, width = images.tensor.shape
-        if self.padding_invariant and any((int(h), int(w)) != (height, width) for h, w in images.image_sizes):
+        if self.padding_invariant and is_padded(images):
             return self._padding_free_levels(images)  # (a batch without padding needs nothing special)
         features = self.backbone(images.tensor)
         maps = [proj(features[f]) for proj, f in zip(self.input_proj, self.in_features)]
         for proj in self.input_proj[len(maps):]:
             maps.append(proj(features[self.in_features[-1]] if len(maps) == len(self.in_features) else maps[-1]))
+        _, _, height, width = images.tensor.shape
         sizes = torch.tensor([[int(h), int(w)] for h, w in images.image_sizes])  # (N, 2) (h, w); ints when traced
         image_mask = ((torch.arange(height)[None, :, None] >= sizes[:, 0, None, None])
                       | (torch.arange(width)[None, None, :] >= sizes[:, 1, None, None]))
@@ -213,7 +219,7 @@ class SparseDETR(nn.Module):
         so a model traced or exported for one input size has them as constants.
         """
         maps, level_masks = self.project_levels(images)
-        n, _, height, width = images.tensor.shape
+        n = images.tensor.shape[0]
         tokens, pos, masks, shapes, valid_sizes = [], [], [], [], []
         for level, (feature, mask) in enumerate(zip(maps, level_masks)):
             valid_sizes.append(torch.stack([(~mask[:, 0, :]).sum(1), (~mask[:, :, 0]).sum(1)], -1))
@@ -228,8 +234,7 @@ class SparseDETR(nn.Module):
         valid_sizes = torch.stack(valid_sizes, 1)  # (N, L, 2) (w, h)
         valid_ratios = valid_sizes.float() / spatial_shapes.flip(-1).float()
         level_shapes = [(int(h), int(w)) for h, w in shapes]
-        unpadded = all((int(h), int(w)) == (height, width) for h, w in images.image_sizes)
-        valid_token_counts = [padding_mask.shape[1]] * n if unpadded else (~padding_mask).sum(1).tolist()
+        valid_token_counts = (~padding_mask).sum(1).tolist() if is_padded(images) else [padding_mask.shape[1]] * n
         to_device = dict(device=self.device, non_blocking=True)
         return FlatFeatures(
             tokens=torch.cat(tokens, 1), pos=torch.cat(pos, 1), padding_mask=padding_mask.to(**to_device),

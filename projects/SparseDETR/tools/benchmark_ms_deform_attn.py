@@ -23,17 +23,14 @@ other work. ``--grid-sample`` adds the obvious baseline, one ``F.grid_sample`` p
 import argparse
 import json
 import math
-import os
 import statistics
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from sparse_detr.layers import multi_scale_deformable_attention
-from sparse_detr.layers.ms_deform_attn import IMPLEMENTATION_VARIABLE
+from sparse_detr.layers import multi_scale_deformable_attention, use_implementation
 
 LEVEL_SHAPES = [(100, 150), (50, 75), (25, 38), (13, 19)]
 HEADS, HEAD_DIM, POINTS = 8, 32, 4
@@ -123,19 +120,6 @@ def bytes_to_move(batch, num_queries, dtype):
     return forward, forward + backward
 
 
-@contextmanager
-def implementation(name):
-    previous = os.environ.get(IMPLEMENTATION_VARIABLE)
-    os.environ[IMPLEMENTATION_VARIABLE] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(IMPLEMENTATION_VARIABLE)
-        else:
-            os.environ[IMPLEMENTATION_VARIABLE] = previous
-
-
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -176,11 +160,11 @@ def benchmark_case(case, batch, dtype, device, args, clock):
     def forward(name, v, loc, w):
         if name == "grid_sample":
             return grid_sample_ms_deform_attn(v, shapes_list, starts_list, loc, w)
-        with implementation(name):
+        with use_implementation(name):
             return multi_scale_deformable_attention(v, spatial_shapes, level_start_index, loc, w)
 
     def forward_backward(name):
-        with implementation("pytorch" if name == "grid_sample" else name):  # the backward runs under it too
+        with use_implementation("pytorch" if name == "grid_sample" else name):  # the backward runs under it too
             torch.autograd.grad(forward(name, *leaves), leaves, grad_output)
 
     names = IMPLEMENTATIONS + (("grid_sample",) if args.grid_sample else ())

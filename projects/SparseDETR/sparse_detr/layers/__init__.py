@@ -1,3 +1,3 @@
-from .ms_deform_attn import DeformableAttentionOutput, MSDeformAttn, multi_scale_deformable_attention
+from .ms_deform_attn import DeformableAttentionOutput, MSDeformAttn, multi_scale_deformable_attention, use_implementation
 
-__all__ = ["DeformableAttentionOutput", "MSDeformAttn", "multi_scale_deformable_attention"]
+__all__ = ["DeformableAttentionOutput", "MSDeformAttn", "multi_scale_deformable_attention", "use_implementation"]

@@ -34,13 +34,14 @@ leading dimensions only, which vectorises.
 import logging
 import math
 import os
-from typing import NamedTuple, Optional
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["multi_scale_deformable_attention", "MSDeformAttn", "DeformableAttentionOutput"]
+__all__ = ["multi_scale_deformable_attention", "MSDeformAttn", "DeformableAttentionOutput", "use_implementation"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +175,22 @@ def _use_compiled(device: torch.device) -> bool:
         return True
     # auto: the CUDA kernel becomes the default once it has passed the GPU check on a real GPU
     return choice == "auto" and device.type == "cpu" and _compiled is not None
+
+
+@contextmanager
+def use_implementation(name: str) -> Iterator[None]:
+    """``$SPARSE_DETR_MS_DEFORM_ATTN`` set to ``name`` inside the block (one of ``IMPLEMENTATIONS``), restored after."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"{IMPLEMENTATION_VARIABLE} must be one of {', '.join(IMPLEMENTATIONS)}, got {name!r}")
+    previous = os.environ.get(IMPLEMENTATION_VARIABLE)
+    os.environ[IMPLEMENTATION_VARIABLE] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(IMPLEMENTATION_VARIABLE, None)
+        else:
+            os.environ[IMPLEMENTATION_VARIABLE] = previous
 
 
 def _compiled_dtypes(value: Tensor, sampling_locations: Tensor, attention_weights: Tensor):
