@@ -3,8 +3,10 @@
 //
 //   sparse_detr_C::ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations,
 //                                         attention_weights, force_int64_index=False) -> output
-//   sparse_detr_C::ms_deform_attn_backward(grad_output, value, ..., force_int64_index=False)
+//   sparse_detr_C::ms_deform_attn_backward(grad_output, value, ..., force_int64_index=False, value_grad=True)
 //       -> (grad_value, grad_sampling_locations, grad_attention_weights)
+//
+// value_grad=False skips the value gradient (grad_value is then an empty tensor).
 //
 // Their CPU kernels are in ms_deform_attn_cpu.cpp, their CUDA kernels in ms_deform_attn_cuda.cu (built when
 // CUDA is). The user-facing op sparse_detr::ms_deform_attn (projects/SparseDETR/sparse_detr/layers/ms_deform_attn.py)
@@ -67,22 +69,32 @@ void check_grad_output(const Problem& problem, const at::Tensor& grad_output, co
 
 }  // namespace sparse_detr
 
-TORCH_LIBRARY(sparse_detr_C, m) {
+TORCH_LIBRARY(MSDA_LIBRARY, m) {
   m.def(
       "ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
       "Tensor sampling_locations, Tensor attention_weights, bool force_int64_index=False) -> Tensor");
   m.def(
       "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
-      "Tensor sampling_locations, Tensor attention_weights, bool force_int64_index=False) -> (Tensor, Tensor, Tensor)");
+      "Tensor sampling_locations, Tensor attention_weights, bool force_int64_index=False, bool value_grad=True) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
+// The Python module: sparse_detr._C, or the emulation build's (csrc/emulation/, named by its build).
+#ifdef MSDA_EMULATE_CUDA
+#define MSDA_MODULE_NAME "sparse_detr_cuda_emulation"
+#define MSDA_MODULE_INIT PyInit_sparse_detr_cuda_emulation
+#else
+#define MSDA_MODULE_NAME "_C"
+#define MSDA_MODULE_INIT PyInit__C
+#endif
+
 // A plain extension module: importing it loads this library, whose static initialisers register the ops.
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
-                               "Compiled multi-scale deformable attention (ops in torch.ops.sparse_detr_C)", -1,
-                               nullptr};
+extern "C" PyMODINIT_FUNC MSDA_MODULE_INIT(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, MSDA_MODULE_NAME,
+                               "Compiled multi-scale deformable attention (ops in torch.ops." C10_STRINGIZE(MSDA_LIBRARY) ")",
+                               -1, nullptr};
   PyObject* m = PyModule_Create(&module);
-#ifdef WITH_CUDA
+#if defined(WITH_CUDA) || defined(MSDA_EMULATE_CUDA)
   const long with_cuda = 1;
 #else
   const long with_cuda = 0;

@@ -8,6 +8,12 @@
 
 #include "ms_deform_attn_kernels.h"
 
+// The op library: sparse_detr_C, or the test-only emulation's own (csrc/emulation/), which registers the CUDA
+// launcher compiled for the host under another name so that both load into one process.
+#ifndef MSDA_LIBRARY
+#define MSDA_LIBRARY sparse_detr_C
+#endif
+
 namespace sparse_detr {
 
 struct Problem {
@@ -51,7 +57,8 @@ struct Inputs {
     return {grad_output.const_data_ptr<scalar_t>(),     value.const_data_ptr<scalar_t>(),
             spatial_shapes.const_data_ptr<int64_t>(),    level_start_index.const_data_ptr<int64_t>(),
             sampling_locations.const_data_ptr<acc_t>(),  attention_weights.const_data_ptr<acc_t>(),
-            grad_value.mutable_data_ptr<acc_t>(),        grad_locations.mutable_data_ptr<acc_t>(),
+            grad_value.numel() > 0 ? grad_value.mutable_data_ptr<acc_t>() : nullptr,  // none: not asked for
+            grad_locations.mutable_data_ptr<acc_t>(),
             grad_weights.mutable_data_ptr<acc_t>(),      problem.sizes<index_t>()};
   }
 };

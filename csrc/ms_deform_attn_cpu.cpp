@@ -5,10 +5,10 @@
 // Forward: the rows (image, query, head) are split among the threads; a unit is 32, 16 or 8 channels of a row
 // (the largest that divides the head dim; the compiler vectorises them whole), else one channel.
 //
-// Backward: the work is split by (image, level, group of heads), never inside one: the value rows of a level,
-// image and head receive gradient only from that level's sampling points of that image and head, so each
-// value row has exactly one writer, the accumulate() of the bodies is a plain add, and the result does not
-// depend on how the work is split.
+// Backward: a unit is one sampling point (its channels in groups of 32, 16 or 8, else one by one); the work is
+// split by (image, level, group of heads), never inside one: the value rows of a level, image and head receive
+// gradient only from that level's sampling points of that image and head, so each value row has exactly one
+// writer, the accumulate() of the bodies is a plain add, and the result does not depend on how the work is split.
 //
 // The loops are compiled for three x86 instruction sets (any x86-64, AVX2 + FMA, AVX-512) and the one ATen
 // reports for this machine runs (at::get_cpu_capability(): ATEN_CPU_CAPABILITY=default|avx2|avx512 picks
@@ -78,9 +78,7 @@ C10_ALWAYS_INLINE void backward_tasks(const BackwardArgs<scalar_t, index_t>& arg
     for (index_t query = 0; query < size.queries; ++query) {
       for (index_t head = first_head; head < end_head; ++head) {
         for (index_t point = 0; point < size.points; ++point) {
-          for (index_t channel = 0; channel < size.channels; channel += kChannels) {
-            backward_unit<kChannels, 1>(args, image, query, head, level, point, channel);
-          }
+          backward_unit<kChannels, 1>(args, image, query, head, level, point);
         }
       }
     }
@@ -227,23 +225,20 @@ at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_output_in, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
-    bool force_int64_index) {
+    bool force_int64_index, bool value_grad) {
   const Problem problem = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   check_grad_output(problem, grad_output_in, value);
   const at::Tensor grad_output = grad_output_in.contiguous();
   const Inputs in = contiguous_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   check_levels(problem, in.spatial_shapes, in.level_start_index);
 
-  // The value gradient is summed in the accumulation type (a float32 buffer for half-precision values).
+  // The value gradient is summed in the accumulation type (a float32 buffer for half-precision values), and
+  // only when asked for; every sampling point writes its location and weight gradients once.
   const at::TensorOptions acc_options = value.options().dtype(at::toOpMathType(value.scalar_type()));
-  at::Tensor grad_value = at::zeros(value.sizes(), acc_options);
-  // With several units per sampling point the location and weight gradients are sums over the units.
-  const bool one_unit_per_point = channels_per_unit(problem.channels) == problem.channels;
-  at::Tensor grad_locations = one_unit_per_point ? at::empty(sampling_locations.sizes(), acc_options)
-                                                 : at::zeros(sampling_locations.sizes(), acc_options);
-  at::Tensor grad_weights = one_unit_per_point ? at::empty(attention_weights.sizes(), acc_options)
-                                               : at::zeros(attention_weights.sizes(), acc_options);
-  if (grad_output.numel() > 0) {
+  at::Tensor grad_value = value_grad ? at::zeros(value.sizes(), acc_options) : at::empty({0}, acc_options);
+  at::Tensor grad_locations = at::empty(sampling_locations.sizes(), acc_options);
+  at::Tensor grad_weights = at::empty(attention_weights.sizes(), acc_options);
+  if (sampling_locations.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu",
                                     [&] {
       with_index_type(problem.fits_int32(), force_int64_index, [&](auto index_zero) {
@@ -258,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 }  // namespace
 }  // namespace sparse_detr
 
-TORCH_LIBRARY_IMPL(sparse_detr_C, CPU, m) {
+TORCH_LIBRARY_IMPL(MSDA_LIBRARY, CPU, m) {
   m.impl("ms_deform_attn_forward", &sparse_detr::forward_cpu);
   m.impl("ms_deform_attn_backward", &sparse_detr::backward_cpu);
 }

@@ -5,9 +5,10 @@
 // it exactly, which is what the CPU launcher does, and a CUDA grid-stride loop is the GPU launcher.
 //
 //   forward:  one (image, query, head, group of channels): the channels of out[n, q, m, :] in the group.
-//   backward: one (image, query, head, level, point, group of channels): that sampling point's share of
-//             the value gradient (added into grad_value with accumulate(), atomicAdd on a GPU) and of its
-//             location and attention-weight gradients (summed over the groups when there are several).
+//   backward: one sampling point (image, query, head, level, point), its channels read in groups: its
+//             share of the value gradient (added into grad_value with accumulate(), atomicAdd on a GPU) and its
+//             location and attention-weight gradients, reduced over all the groups of the point in the unit
+//             and written once (no atomics, the same order on every device).
 //
 // Semantics are those of the PyTorch implementation (projects/SparseDETR/sparse_detr/layers/ms_deform_attn.py):
 // bilinear sampling with zeros outside the map and align_corners=False, pixel centres at (i + 0.5) / size.
@@ -25,10 +26,24 @@
 #include <c10/util/Half.h>
 #include <c10/util/bit_cast.h>
 
+#ifdef MSDA_EMULATE_CUDA
+#include "emulation/cuda_emulation.h"  // test-only: the CUDA launcher and its bodies run on the host
+#endif
+
 namespace sparse_detr {
 
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;
+
+// MSDA_EMULATE_CUDA: the CUDA launcher compiled for the host by the test-only emulation build
+// (csrc/emulation/): the bodies then run as they do on a GPU (atomics, 16-byte packs, no host-only vector
+// code), with the emulation's atomicAdd, and every pack access checks its alignment.
+#if defined(__CUDACC__) || defined(MSDA_EMULATE_CUDA)
+#define MSDA_GPU_LAYOUT 1  // the GPU launcher's bodies: on a GPU, or emulated on the host
+#endif
+#if defined(__CUDA_ARCH__) || defined(MSDA_EMULATE_CUDA)
+#define MSDA_GPU_THREADS 1  // the bodies run as GPU threads: many writers per value row, atomics
+#endif
 
 // The bodies must inline into the launchers' loops: the CPU launcher compiles those loops once per
 // instruction set, and only inlined code is compiled for the loop's instruction set.
@@ -71,9 +86,10 @@ struct BackwardArgs {
   const int64_t* level_start_index;                // (L,)
   const acc_type<scalar_t>* sampling_locations;    // (N, Lq, M, L, P, 2)
   const acc_type<scalar_t>* attention_weights;     // (N, Lq, M, L, P)
-  acc_type<scalar_t>* grad_value;                  // (N, S, M, D), zero-initialised; cast to scalar_t afterwards
-  acc_type<scalar_t>* grad_sampling_locations;     // (N, Lq, M, L, P, 2), zero-initialised if groups > 1
-  acc_type<scalar_t>* grad_attention_weights;      // (N, Lq, M, L, P), zero-initialised if groups > 1
+  acc_type<scalar_t>* grad_value;                  // (N, S, M, D), zero-initialised, cast to scalar_t afterwards;
+                                                   // nullptr when value needs no gradient
+  acc_type<scalar_t>* grad_sampling_locations;     // (N, Lq, M, L, P, 2), written once per point
+  acc_type<scalar_t>* grad_attention_weights;      // (N, Lq, M, L, P), written once per point
   Sizes<index_t> size;
 };
 
@@ -117,30 +133,44 @@ MSDA_INLINE acc_t rounded_product(acc_t a, acc_t b) {
 // plain add is race-free there, and the CPU's value gradient is deterministic.
 template <typename T>
 MSDA_INLINE void accumulate(T* address, T value) {
-#if defined(__CUDA_ARCH__)
+#ifdef MSDA_GPU_THREADS
   atomicAdd(address, value);
 #else
   *address += value;
 #endif
 }
 
+// Hopper (sm_90) and newer add four floats with one atomic instruction; the emulation decides at run time.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define MSDA_VECTOR_ATOMICS true
+#elif defined(MSDA_EMULATE_CUDA)
+#define MSDA_VECTOR_ATOMICS (::sparse_detr::emulation::vector_atomics())
+#endif
+
+// The emulation checks that every 16-byte access is aligned, as a GPU requires; elsewhere nothing.
+#ifndef MSDA_CHECK_ALIGNED
+#define MSDA_CHECK_ALIGNED(pointer, bytes)
+#endif
+
 // address[c] += scale * values[c] for c < kChannels (address aligned to kChannels elements on a GPU).
 template <int kChannels, typename T>
 MSDA_INLINE void accumulate_scaled(T* address, T scale, const T* values) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr (std::is_same_v<T, float> && kChannels % 4 == 0) {  // Hopper adds four floats in one instruction
+#ifdef MSDA_VECTOR_ATOMICS
+  if constexpr (std::is_same_v<T, float> && kChannels % 4 == 0) {  // four floats in one instruction
+    if (MSDA_VECTOR_ATOMICS) {
 MSDA_UNROLL
-    for (int c = 0; c < kChannels; c += 4) {
-      atomicAdd(reinterpret_cast<float4*>(address + c), make_float4(scale * values[c], scale * values[c + 1],
-                                                                    scale * values[c + 2], scale * values[c + 3]));
+      for (int c = 0; c < kChannels; c += 4) {
+        MSDA_CHECK_ALIGNED(address + c, 16);
+        atomicAdd(reinterpret_cast<float4*>(address + c), make_float4(scale * values[c], scale * values[c + 1],
+                                                                      scale * values[c + 2], scale * values[c + 3]));
+      }
+      return;
     }
-  } else
+  }
 #endif
-  {
 MSDA_UNROLL
-    for (int c = 0; c < kChannels; ++c) {
-      accumulate(address + c, scale * values[c]);
-    }
+  for (int c = 0; c < kChannels; ++c) {
+    accumulate(address + c, scale * values[c]);
   }
 }
 
@@ -164,7 +194,7 @@ MSDA_INLINE void float16_to_float(float* to, const c10::Half* from) {
 
 template <typename scalar_t>
 constexpr bool kHostFloat16 =
-#if defined(__CUDACC__)
+#ifdef MSDA_GPU_LAYOUT
     false;  // GPUs convert half precision in hardware
 #else
     std::is_same_v<scalar_t, c10::Half>;
@@ -192,6 +222,7 @@ MSDA_UNROLL
   } else {
 MSDA_UNROLL
     for (int c = 0; c < kChannels; c += kPack) {
+      MSDA_CHECK_ALIGNED(from + c, sizeof(Pack<scalar_t, kPack>));
       const Pack<scalar_t, kPack> pack = *reinterpret_cast<const Pack<scalar_t, kPack>*>(from + c);
 MSDA_UNROLL
       for (int i = 0; i < kPack; ++i) {
@@ -216,6 +247,7 @@ MSDA_UNROLL
       for (int i = 0; i < kPack; ++i) {
         pack.element[i] = static_cast<scalar_t>(from[c + i]);
       }
+      MSDA_CHECK_ALIGNED(to + c, sizeof(Pack<scalar_t, kPack>));
       *reinterpret_cast<Pack<scalar_t, kPack>*>(to + c) = pack;
     }
   }
@@ -249,7 +281,7 @@ MSDA_UNROLL
   }
 }
 
-#if !defined(__CUDACC__) && (defined(__GNUC__) || defined(__clang__))
+#if !defined(MSDA_GPU_LAYOUT) && (defined(__GNUC__) || defined(__clang__))
 #define MSDA_HOST_LANES 1
 // kLanes values of acc_t as one vector of the compiler's generic vector extension (the CPU's widest registers).
 template <typename acc_t, int kLanes>
@@ -329,6 +361,23 @@ MSDA_INLINE Axis<acc_t, index_t> interpolation_axis(acc_t coordinate, index_t si
   return axis;
 }
 
+// The level table must lie inside value. The CPU launcher checks it on the host before any body runs. On a GPU
+// the table is in device memory: every unit checks the levels it reads, and a level outside value stops the
+// kernel with a device-side assertion (the emulation raises the CPU launcher's error) instead of a read or an
+// atomic write outside value. The level is skipped as well, so nothing outside is touched before the stop.
+MSDA_INLINE bool level_inside(int64_t start, int64_t height, int64_t width, int64_t tokens) {
+  // height, width <= tokens first: their product then cannot overflow for any value a GPU can hold
+  return start >= 0 && height >= 0 && width >= 0 && height <= tokens && width <= tokens &&
+         start + height * width <= tokens;
+}
+
+#if defined(__CUDA_ARCH__)
+#define MSDA_LEVEL_OUTSIDE(level, start, height, width, tokens) \
+  CUDA_KERNEL_ASSERT(!"ms_deform_attn: a level of spatial_shapes / level_start_index does not fit in the tokens of value")
+#elif !defined(MSDA_LEVEL_OUTSIDE)
+#define MSDA_LEVEL_OUTSIDE(level, start, height, width, tokens)  // the CPU launcher checked the table
+#endif
+
 // ---- forward -----------------------------------------------------------------------------------------
 
 // out[image, query, head, first_channel + c] for c < kChannels.
@@ -342,12 +391,19 @@ MSDA_INLINE void forward_unit(const ForwardArgs<scalar_t, index_t>& args, index_
   const index_t first_slot = ((image * size.queries + query) * size.heads + head) * size.levels * size.points;
   acc_t sum[kChannels] = {};
   for (index_t level = 0; level < size.levels; ++level) {
-    const index_t height = static_cast<index_t>(args.spatial_shapes[2 * level]);
-    const index_t width = static_cast<index_t>(args.spatial_shapes[2 * level + 1]);
+    const int64_t start = args.level_start_index[level];
+    const int64_t height64 = args.spatial_shapes[2 * level], width64 = args.spatial_shapes[2 * level + 1];
+#ifdef MSDA_GPU_THREADS
+    if (!level_inside(start, height64, width64, static_cast<int64_t>(size.tokens))) {
+      MSDA_LEVEL_OUTSIDE(level, start, height64, width64, size.tokens);
+      continue;
+    }
+#endif
+    const index_t height = static_cast<index_t>(height64), width = static_cast<index_t>(width64);
     if (height <= 0 || width <= 0) {
       continue;  // no cell to read, not even a clamped one
     }
-    const scalar_t* level_value = image_value + static_cast<index_t>(args.level_start_index[level]) * token_stride;
+    const scalar_t* level_value = image_value + static_cast<index_t>(start) * token_stride;
     for (index_t point = 0; point < size.points; ++point) {
       const index_t slot = first_slot + level * size.points + point;
       const acc_t attention = args.attention_weights[slot];
@@ -383,46 +439,65 @@ MSDA_INLINE void forward_body(const ForwardArgs<scalar_t, index_t>& args, index_
 
 // ---- backward ----------------------------------------------------------------------------------------
 
-// The gradients of one sampling point (image, query, head, level, point), from the channels
-// [first_channel, first_channel + kChannels) of its head.
+// The gradients of one sampling point (image, query, head, level, point), its head's channels read in groups
+// of kChannels.
 //
 // The point contributes out[c] += a * sum over corners k of w_k * v_k[c], with w_k = wy_k * wx_k the bilinear
 // weights and v_k the corner's value row (zero outside the map). With g_k = <grad_out, v_k>:
 //   d/dv_k = a * w_k * grad_out,   d/da = sum_k w_k g_k,
 //   d/dx = a * W * sum over the two rows of wy * (g_right - g_left)   (d frac_x / dx = W; wx = (1 - frac, frac)),
 //   d/dy = a * H * sum over the two columns of wx * (g_below - g_above).
+// Each g_k is reduced over all groups of the point inside the unit (each group's products summed by halving,
+// the groups in order), so the location and weight gradients are written once, without atomics, and are the
+// same on every device and run. The value gradient is skipped when grad_value is nullptr.
 template <int kChannels, int kPack, typename scalar_t, typename index_t>
 MSDA_INLINE void backward_unit(const BackwardArgs<scalar_t, index_t>& args, index_t image, index_t query,
-                               index_t head, index_t level, index_t point, index_t first_channel) {
+                               index_t head, index_t level, index_t point) {
   using acc_t = acc_type<scalar_t>;
   const Sizes<index_t>& size = args.size;
-  const index_t height = static_cast<index_t>(args.spatial_shapes[2 * level]);
-  const index_t width = static_cast<index_t>(args.spatial_shapes[2 * level + 1]);
+  const int64_t start = args.level_start_index[level];
+  const int64_t height64 = args.spatial_shapes[2 * level], width64 = args.spatial_shapes[2 * level + 1];
   const index_t head_row = (image * size.queries + query) * size.heads + head;
   const index_t slot = (head_row * size.levels + level) * size.points + point;
+  bool reads = height64 > 0 && width64 > 0;
+#ifdef MSDA_GPU_THREADS
+  if (!level_inside(start, height64, width64, static_cast<int64_t>(size.tokens))) {
+    MSDA_LEVEL_OUTSIDE(level, start, height64, width64, size.tokens);
+    reads = false;
+  }
+#endif
   acc_t grad_attention = 0, grad_x = 0, grad_y = 0;
-  if (height > 0 && width > 0) {
+  if (reads) {
+    const index_t height = static_cast<index_t>(height64), width = static_cast<index_t>(width64);
     const index_t token_stride = size.heads * size.channels;
-    acc_t grad[kChannels];
-    load_channels<kChannels, kPack>(grad, args.grad_output + head_row * size.channels + first_channel);
-    const index_t level_offset =
-        ((image * size.tokens + static_cast<index_t>(args.level_start_index[level])) * size.heads + head) *
-            size.channels + first_channel;
     const acc_t attention = args.attention_weights[slot];
     const Axis<acc_t, index_t> x = interpolation_axis(args.sampling_locations[2 * slot], width);
     const Axis<acc_t, index_t> y = interpolation_axis(args.sampling_locations[2 * slot + 1], height);
-    acc_t dots[2][2];  // g_k = <grad_out, value row> of each corner, 0 outside the map
+    const index_t level_offset = ((image * size.tokens + static_cast<index_t>(start)) * size.heads + head) * size.channels;
+    const scalar_t* grad_row = args.grad_output + head_row * size.channels;
+    acc_t dots[2][2] = {};  // g_k = <grad_out, value row> of each corner
+    for (index_t channel = 0; channel < size.channels; channel += kChannels) {
+      acc_t grad[kChannels];
+      load_channels<kChannels, kPack>(grad, grad_row + channel);
+MSDA_UNROLL
+      for (int dy = 0; dy < 2; ++dy) {
+MSDA_UNROLL
+        for (int dx = 0; dx < 2; ++dx) {
+          const index_t offset = level_offset + (y.cells[dy] * width + x.cells[dx]) * token_stride + channel;
+          acc_t products[kChannels];
+          multiply_row<kChannels, kPack>(products, args.value + offset, grad);
+          dots[dy][dx] += pairwise_sum<kChannels>(products);
+          if (args.grad_value != nullptr && y.inside[dy] != acc_t(0) && x.inside[dx] != acc_t(0)) {
+            accumulate_scaled<kChannels>(args.grad_value + offset, attention * y.weights[dy] * x.weights[dx], grad);
+          }
+        }
+      }
+    }
 MSDA_UNROLL
     for (int dy = 0; dy < 2; ++dy) {
 MSDA_UNROLL
       for (int dx = 0; dx < 2; ++dx) {
-        const index_t offset = level_offset + (y.cells[dy] * width + x.cells[dx]) * token_stride;
-        acc_t products[kChannels];
-        multiply_row<kChannels, kPack>(products, args.value + offset, grad);
-        dots[dy][dx] = y.inside[dy] * x.inside[dx] * pairwise_sum<kChannels>(products);
-        if (y.inside[dy] != acc_t(0) && x.inside[dx] != acc_t(0)) {
-          accumulate_scaled<kChannels>(args.grad_value + offset, attention * y.weights[dy] * x.weights[dx], grad);
-        }
+        dots[dy][dx] *= y.inside[dy] * x.inside[dx];  // 0 outside the map
       }
     }
     grad_attention = y.weights[0] * (x.weights[0] * dots[0][0] + x.weights[1] * dots[0][1]) +
@@ -432,23 +507,14 @@ MSDA_UNROLL
     grad_y = attention * static_cast<acc_t>(height) *
              (x.weights[0] * (dots[1][0] - dots[0][0]) + x.weights[1] * (dots[1][1] - dots[0][1]));
   }
-  if (size.channels == kChannels) {  // the only unit of this point: its gradients are complete
-    args.grad_attention_weights[slot] = grad_attention;
-    args.grad_sampling_locations[2 * slot] = grad_x;
-    args.grad_sampling_locations[2 * slot + 1] = grad_y;
-  } else {
-    accumulate(args.grad_attention_weights + slot, grad_attention);
-    accumulate(args.grad_sampling_locations + 2 * slot, grad_x);
-    accumulate(args.grad_sampling_locations + 2 * slot + 1, grad_y);
-  }
+  args.grad_attention_weights[slot] = grad_attention;
+  args.grad_sampling_locations[2 * slot] = grad_x;
+  args.grad_sampling_locations[2 * slot + 1] = grad_y;
 }
 
-// Units in the order (image, query, head, level, point, group).
+// Units in the order (image, query, head, level, point).
 template <int kChannels, int kPack, typename scalar_t, typename index_t>
 MSDA_INLINE void backward_body(const BackwardArgs<scalar_t, index_t>& args, index_t index) {
-  const index_t groups = args.size.channels / kChannels;
-  const index_t group = index % groups;
-  index /= groups;
   const index_t point = index % args.size.points;
   index /= args.size.points;
   const index_t level = index % args.size.levels;
@@ -457,7 +523,7 @@ MSDA_INLINE void backward_body(const BackwardArgs<scalar_t, index_t>& args, inde
   index /= args.size.heads;
   const index_t query = index % args.size.queries;
   const index_t image = index / args.size.queries;
-  backward_unit<kChannels, kPack>(args, image, query, head, level, point, group * kChannels);
+  backward_unit<kChannels, kPack>(args, image, query, head, level, point);
 }
 
 }  // namespace sparse_detr

@@ -208,11 +208,12 @@ def _compiled_forward(value, spatial_shapes, level_start_index, sampling_locatio
     return out.to(value.dtype)
 
 
-def _compiled_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def _compiled_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                       value_grad=True):
     kernel_value, locations, weights = _compiled_dtypes(value, sampling_locations, attention_weights)
     grad_value, grad_locations, grad_attention = torch.ops.sparse_detr_C.ms_deform_attn_backward(
         grad_output.to(kernel_value.dtype), kernel_value, spatial_shapes.long(), level_start_index.long(), locations,
-        weights)
+        weights, value_grad=value_grad)
     return (grad_value.to(value.dtype), grad_locations.to(sampling_locations.dtype),
             grad_attention.to(attention_weights.dtype))
 
@@ -230,7 +231,7 @@ def _pytorch_forward(value: Tensor, spatial_shapes: Tensor, level_start_index: T
         corners = _corners(levels, sampling_locations[:, chunk], attention_weights[:, chunk], dtype)
         sampled = F.embedding_bag(corners.rows.view(-1, corners_per_bag), table,
                                   per_sample_weights=corners.weights.view(-1, corners_per_bag), mode="sum")
-        out[:, chunk] = sampled.view(n, -1, m * d)
+        out[:, chunk] = sampled.view(out[:, chunk].shape)  # (-1 would be ambiguous for an empty batch)
     return out.to(value.dtype)
 
 
@@ -275,7 +276,9 @@ def _transposed_bag_sum(rows: Tensor, weights: Tensor, grad: Tensor, num_rows: i
 
 
 def _pytorch_backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                      sampling_locations: Tensor, attention_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                      sampling_locations: Tensor, attention_weights: Tensor,
+                      value_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of value (an empty tensor unless ``value_grad``), sampling_locations and attention_weights."""
     n, _, m, d = value.shape
     _, num_queries, _, num_levels, points, _ = sampling_locations.shape
     dtype, index_dtype = _compute_dtype(value, sampling_locations), _index_dtype(value)
@@ -283,16 +286,19 @@ def _pytorch_backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor
     table = value.reshape(-1, d).to(dtype)
     grad = grad_output.to(dtype).view(n, num_queries, m, d)
     corners_per_bag = num_levels * points * 4
-    all_rows = torch.empty((n, num_queries, m, corners_per_bag), dtype=index_dtype, device=value.device)
-    all_weights = table.new_empty((n, num_queries, m, corners_per_bag))
+    # the corners of every query, kept for the value gradient (the transposed gather-sum over all of them)
+    kept = num_queries if value_grad else 0
+    all_rows = torch.empty((n, kept, m, corners_per_bag), dtype=index_dtype, device=value.device)
+    all_weights = table.new_empty((n, kept, m, corners_per_bag))
     grad_locations = table.new_empty(sampling_locations.shape)
     grad_attention = table.new_empty(attention_weights.shape)
     no_offsets = torch.empty(0, dtype=index_dtype, device=value.device)
     for chunk in _query_chunks(num_queries, n * m * corners_per_bag, value.device):
         attention = attention_weights[:, chunk].to(dtype)
         corners = _corners(levels, sampling_locations[:, chunk], attention, dtype)
-        all_rows[:, chunk] = corners.rows.view(n, -1, m, corners_per_bag)
-        all_weights[:, chunk] = corners.weights.view(n, -1, m, corners_per_bag)
+        if value_grad:
+            all_rows[:, chunk] = corners.rows.view(all_rows[:, chunk].shape)
+            all_weights[:, chunk] = corners.weights.view(all_weights[:, chunk].shape)
         flat_rows = corners.rows.view(-1)
         bags = flat_rows.numel() // corners_per_bag
         bag_of_corner = torch.arange(bags, dtype=index_dtype, device=value.device).view(-1, 1).expand(
@@ -311,28 +317,36 @@ def _pytorch_backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor
         grad_x = (grad_wx1 * in_x1 - grad_wx0 * in_x0) * attention * levels.width
         grad_y = (grad_wy1 * in_y1 - grad_wy0 * in_y0) * attention * levels.height
         grad_locations[:, chunk] = torch.stack([grad_x, grad_y], -1)
-    grad_table = _transposed_bag_sum(all_rows.view(-1, corners_per_bag), all_weights.view(-1, corners_per_bag),
-                                     grad.reshape(-1, d), table.shape[0])
-    return (grad_table.view(value.shape).to(value.dtype), grad_locations.to(sampling_locations.dtype),
-            grad_attention.to(attention_weights.dtype))
+    if not value_grad:
+        grad_value = value.new_empty(0)
+    else:
+        grad_table = _transposed_bag_sum(all_rows.view(-1, corners_per_bag), all_weights.view(-1, corners_per_bag),
+                                         grad.reshape(-1, d), table.shape[0])
+        grad_value = grad_table.view(value.shape).to(value.dtype)
+    return grad_value, grad_locations.to(sampling_locations.dtype), grad_attention.to(attention_weights.dtype)
 
 
 @torch.library.custom_op("sparse_detr::ms_deform_attn_backward", mutates_args=())
 def _ms_deform_attn_backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                             sampling_locations: Tensor, attention_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                             sampling_locations: Tensor, attention_weights: Tensor,
+                             value_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of value (empty unless ``value_grad``: a value that needs none is not computed), of the
+    sampling locations and of the attention weights."""
     return _pytorch_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                             attention_weights)
+                             attention_weights, value_grad)
 
 
 @_ms_deform_attn_backward.register_kernel(("cpu", "cuda"))
-def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_grad=True):
     backward = _compiled_backward if _use_compiled(value.device) else _pytorch_backward
-    return backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                    value_grad)
 
 
 @_ms_deform_attn_backward.register_fake
-def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_grad=True):
+    grad_value = torch.empty_like(value) if value_grad else value.new_empty(0)
+    return grad_value, torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
 
 
 def _setup_context(ctx, inputs, output):
@@ -342,9 +356,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_output):
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    value_grad = ctx.needs_input_grad[0]
     grad_value, grad_locations, grad_attention = torch.ops.sparse_detr.ms_deform_attn_backward(
-        grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return grad_value, None, None, grad_locations, grad_attention
+        grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+        value_grad)
+    return grad_value if value_grad else None, None, None, grad_locations, grad_attention
 
 
 _ms_deform_attn.register_autograd(_backward, setup_context=_setup_context)
