@@ -116,16 +116,28 @@ def test_switch_picks_the_implementation_on_the_cpu(name, compiled_calls, monkey
     assert len(calls) == compiled_calls
 
 
-def test_switch_keeps_cuda_on_pytorch_until_opted_in(monkeypatch):
-    cuda = torch.device("cuda")
-    monkeypatch.setenv(VARIABLE, "auto")
-    assert not ms_deform_attn_module._use_compiled(cuda)
+def test_switch_on_cuda_follows_the_self_check_under_auto(monkeypatch):
+    """auto: the CUDA kernel where the GPU passed the self-check (tests/test_self_check.py); compiled: the CUDA kernel
+    without asking."""
+    from sparse_detr.layers import self_check
+
+    cuda, asked = torch.device("cuda", 0), []
+    monkeypatch.setattr(self_check, "verdict", lambda device: asked.append(device) or True)
     monkeypatch.setenv(VARIABLE, "compiled")
     if sparse_detr._C.WITH_CUDA:
         assert ms_deform_attn_module._use_compiled(cuda)
     else:
         with pytest.raises(RuntimeError, match="no cuda kernels"):
             ms_deform_attn_module._use_compiled(cuda)
+        monkeypatch.setenv(VARIABLE, "auto")
+        assert not ms_deform_attn_module._use_compiled(cuda)  # no CUDA kernel, nothing to check
+    assert asked == []
+    monkeypatch.setattr(ms_deform_attn_module, "compiled_kernels_available", lambda device_type="cpu": True)
+    monkeypatch.setenv(VARIABLE, "auto")
+    for passed in (True, False):
+        monkeypatch.setattr(self_check, "verdict", lambda device, _passed=passed: asked.append(device) or _passed)
+        assert ms_deform_attn_module._use_compiled(cuda) is passed
+    assert asked == [cuda, cuda]
 
 
 def test_switch_rejects_unknown_values(monkeypatch):

@@ -11,12 +11,13 @@ through it. It has two implementations:
 
 Which one runs is chosen at every call by the environment variable ``SPARSE_DETR_MS_DEFORM_ATTN``:
 
-* ``auto`` (default): the compiled kernel on the CPU; the PyTorch implementation on CUDA, because the
-  CUDA kernel has not yet passed the GPU check on a real GPU (``projects/SparseDETR/tools/gpu_check.py``),
-  and on any other device. Without ``sparse_detr._C`` (a package used without ``make setup``): PyTorch.
-* ``pytorch``: the PyTorch implementation everywhere.
-* ``compiled``: the compiled kernels on the CPU and on CUDA (an error if ``sparse_detr._C`` or its CUDA
-  part is not built).
+* ``auto`` (default): the compiled kernel on the CPU; on CUDA, the compiled kernel if the GPU passed the
+  self-check (``self_check.py``: run once per GPU model, driver and build, in a subprocess, its verdict
+  cached), else the PyTorch implementation; the PyTorch implementation on any other device. Without
+  ``sparse_detr._C`` (a package used without ``make setup``): PyTorch.
+* ``pytorch``: the PyTorch implementation everywhere, without the self-check.
+* ``compiled``: the compiled kernels on the CPU and on CUDA, without the self-check (an error if
+  ``sparse_detr._C`` or its CUDA part is not built).
 
 The PyTorch implementation: every sampling location contributes to the four neighbouring cells of its
 level with bilinear weights, so the whole operator is one weighted gather-sum
@@ -173,8 +174,14 @@ def _use_compiled(device: torch.device) -> bool:
             raise RuntimeError(f"{IMPLEMENTATION_VARIABLE}=compiled, but sparse_detr._C has no {device.type} kernels"
                                + (": rebuild it with FORCE_CUDA=1" if device.type == "cuda" else ""))
         return True
-    # auto: the CUDA kernel becomes the default once it has passed the GPU check on a real GPU
-    return choice == "auto" and device.type == "cpu" and _compiled is not None
+    if choice == "pytorch" or _compiled is None:
+        return False
+    if device.type == "cuda" and compiled_kernels_available("cuda"):
+        # imported here: imported with this module, `python -m sparse_detr.layers.self_check` would find itself
+        # in sys.modules before it runs (runpy's warning); after the first call this is a lookup
+        from . import self_check
+        return self_check.verdict(device)
+    return device.type == "cpu"
 
 
 @contextmanager
