@@ -22,6 +22,7 @@ from detectron2.utils.events import EventStorage
 import sparse_detr._C
 from sparse_detr.layers import multi_scale_deformable_attention, use_implementation
 from sparse_detr.layers import ms_deform_attn as ms_deform_attn_module
+from sparse_detr.layers import self_check
 
 from conftest import REPO_ROOT
 from test_ms_deform_attn import SHAPE_CASES, make_inputs, reference_ms_deform_attn
@@ -65,18 +66,14 @@ def float64_reference(inputs, grad_output):
 
 def assert_near_reference(actual, baseline, inputs, grad_output):
     """Each of ``actual``'s results is as close to the float64 reference as ``baseline``'s (the PyTorch
-    implementation's, or the CPU kernel's) allows: error <= 4 * baseline error + 16 eps(dtype) * max(1, |ref|)."""
+    implementation's, or the CPU kernel's) allows: the self-check's rule (``self_check.compare``), error <=
+    4 * baseline error + 16 eps(dtype) * max(1, |ref|)."""
     reference = float64_reference(inputs, grad_output)
     for name, a, b, r in zip(RESULT_NAMES, actual, baseline, reference):
         assert a.dtype == b.dtype and a.shape == b.shape, name
-        a, b = a.cpu().double(), b.cpu().double()
-        assert a.isfinite().all() and b.isfinite().all(), name
-        if r.numel() == 0:
-            continue
-        error, baseline_error = (a - r).abs().max().item(), (b - r).abs().max().item()
-        bound = 4 * baseline_error + 16 * torch.finfo(actual[RESULT_NAMES.index(name)].dtype).eps * max(
-            1.0, r.abs().max().item())
-        assert error <= bound, f"{name}: error {error:.3g} against float64, bound {bound:.3g}"
+        comparison = self_check.compare(a.cpu(), b.cpu(), r, a.dtype)
+        assert comparison.passed, (f"{name}: error {comparison.err_compiled:.3g} against float64, bound "
+                                   f"{comparison.bound:.3g} (finite: {comparison.finite})")
 
 
 def assert_results_close(actual, expected, dtype, inputs=None, grad_output=None):
@@ -138,6 +135,25 @@ def test_switch_on_cuda_follows_the_self_check_under_auto(monkeypatch):
         monkeypatch.setattr(self_check, "verdict", lambda device, _passed=passed: asked.append(device) or _passed)
         assert ms_deform_attn_module._use_compiled(cuda) is passed
     assert asked == [cuda, cuda]
+
+
+def test_auto_on_cuda_keeps_deterministic_mode_on_the_pytorch_backward(monkeypatch):
+    """The CUDA value gradient is a sum of atomic adds: with deterministic algorithms on, ``auto`` routes a backward
+    that needs it to the PyTorch implementation (the forward and a backward without value gradient stay compiled)."""
+    monkeypatch.setattr(ms_deform_attn_module, "compiled_kernels_available", lambda device_type="cpu": True)
+    monkeypatch.setattr(self_check, "verdict", lambda device: True)
+    monkeypatch.setenv(VARIABLE, "auto")
+    cuda = torch.device("cuda")
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        for deterministic in (False, True):
+            torch.use_deterministic_algorithms(deterministic)
+            assert ms_deform_attn_module._use_compiled(cuda)
+            assert ms_deform_attn_module._use_compiled(cuda, atomic_value_grad=False)
+            assert ms_deform_attn_module._use_compiled(cuda, atomic_value_grad=True) == (not deterministic)
+            assert ms_deform_attn_module._use_compiled(torch.device("cpu"), atomic_value_grad=True)
+    finally:
+        torch.use_deterministic_algorithms(was)
 
 
 def test_switch_rejects_unknown_values(monkeypatch):

@@ -161,8 +161,12 @@ def compiled_kernels_available(device_type: str = "cpu") -> bool:
     return device_type == "cpu" or (device_type == "cuda" and bool(_compiled.WITH_CUDA))
 
 
-def _use_compiled(device: torch.device) -> bool:
-    """Whether the compiled kernel serves a call on ``device``: ``$SPARSE_DETR_MS_DEFORM_ATTN`` (module docstring)."""
+def _use_compiled(device: torch.device, atomic_value_grad: bool = False) -> bool:
+    """Whether the compiled kernel serves a call on ``device``: ``$SPARSE_DETR_MS_DEFORM_ATTN`` (module docstring).
+
+    ``atomic_value_grad``: the call is a backward with a value gradient, which the CUDA kernel sums with atomic adds
+    (not deterministic); under ``torch.use_deterministic_algorithms(True)`` ``auto`` then takes the PyTorch
+    implementation on CUDA, and ``compiled`` raises PyTorch's determinism error."""
     choice = os.environ.get(IMPLEMENTATION_VARIABLE, "auto").strip().lower() or "auto"
     if choice not in IMPLEMENTATIONS:
         raise ValueError(f"{IMPLEMENTATION_VARIABLE} must be one of {', '.join(IMPLEMENTATIONS)}, got {choice!r}")
@@ -177,6 +181,8 @@ def _use_compiled(device: torch.device) -> bool:
     if choice == "pytorch" or _compiled is None:
         return False
     if device.type == "cuda" and compiled_kernels_available("cuda"):
+        if atomic_value_grad and torch.are_deterministic_algorithms_enabled():
+            return False
         # imported here: imported with this module, `python -m sparse_detr.layers.self_check` would find itself
         # in sys.modules before it runs (runpy's warning); after the first call this is a lookup
         from . import self_check
@@ -345,7 +351,7 @@ def _ms_deform_attn_backward(grad_output: Tensor, value: Tensor, spatial_shapes:
 
 @_ms_deform_attn_backward.register_kernel(("cpu", "cuda"))
 def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_grad=True):
-    backward = _compiled_backward if _use_compiled(value.device) else _pytorch_backward
+    backward = _compiled_backward if _use_compiled(value.device, atomic_value_grad=value_grad) else _pytorch_backward
     return backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                     value_grad)
 
