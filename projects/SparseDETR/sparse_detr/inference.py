@@ -4,7 +4,8 @@
 same detections faster; the model itself (its modules, state dict and checkpoints) is left as it is:
 
 * batch norms (frozen, or in eval mode) are folded into the convolutions before them;
-* the convolutional backbone runs channels-last;
+* the convolutional backbone runs channels-last; on the CPU a folded ResNet's convolutions apply their ReLU
+  and residual addition as oneDNN post-ops (:mod:`sparse_detr.fusion`) instead of separate passes;
 * the transformer skips what neither the detections nor the DAM use (``detections_only``): the encoder
   auxiliary heads, the two-stage box head on tokens that do not become queries, the predictions of the
   decoder layers before the last;
@@ -25,6 +26,7 @@ from torch import nn
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.layers import Conv2d as D2Conv2d
 
+from .fusion import fuse_resnet
 from .layers import MSDeformAttn
 from .meta_arch import SparseDETR
 from .transformer import TransformerOutput
@@ -166,7 +168,7 @@ class FastInferenceModel(nn.Module):
     :class:`TransformerOutput`.
     """
 
-    def __init__(self, model: SparseDETR, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: SparseDETR, dtype: torch.dtype = torch.float32, fuse: bool = True):
         super().__init__()
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"the fast inference path runs in float32 or bfloat16, got {dtype}")
@@ -174,12 +176,14 @@ class FastInferenceModel(nn.Module):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.dtype = dtype
         folded = fold_batch_norms(self.model.backbone)
+        fused = fuse_resnet(self.model.backbone) if fuse else 0
         if any(isinstance(m, nn.Conv2d) for m in self.model.backbone.modules()):
             self.model.backbone = ChannelsLast(self.model.backbone)
         if dtype == torch.bfloat16:
             _to_bfloat16(self.model)
         super().train(False)
-        logger.info("fast inference: %d batch norms folded, %s", folded, dtype)
+        logger.info("fast inference: %d batch norms folded, %d convolutions fused with their ReLU and residual, %s",
+                    folded, fused, dtype)
 
     @property
     def device(self) -> torch.device:
