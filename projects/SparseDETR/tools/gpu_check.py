@@ -78,8 +78,9 @@ CPU_TIME_SCALE = 3.0  # the dry run's limits and default budget, against the GPU
 POLL = 0.1  # seconds between looks at whether a running command's process has ended
 # compute-sanitizer refusing the machine; its reports of the program's own CUDA errors ("========= Program hit
 # cudaErrorNotSupported ... operation not supported ...") are findings, not refusals.
-SANITIZER_REFUSAL = re.compile(r"^(?!=+ Program hit).*(Device not supported|not supported on this (device|platform|system))"
-                               r".*$", re.IGNORECASE | re.MULTILINE)
+SANITIZER_REFUSAL = re.compile(r"^(?!=+ Program hit).*"
+                               r"(Device not supported|not supported on this (device|platform|system)).*$",
+                               re.IGNORECASE | re.MULTILINE)
 
 PASSED, SKIPPED, FAILED = "ok", "SKIPPED", "FAILED"
 
@@ -559,7 +560,8 @@ def stop_on_sigterm(signum, frame):
 def main(argv=None, steps: Sequence[Step] = STEPS) -> int:
     start = time.monotonic()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out_dir", nargs="?", type=Path, help="folder for log.txt, results.json and summary.md")
+    parser.add_argument("out_dir", nargs="?", type=Path,
+                        help="folder for log.txt, results.json, summary.md and self_check.json")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: the dry run")
     parser.add_argument("--budget", type=float,
                         help=f"seconds of wall clock for the whole check (default {DEFAULT_BUDGET:.0f}; "
