@@ -3,17 +3,20 @@
 Tiny models of every config family (conftest's TINY transformer on the config's backbone) with their
 frozen batch norms given random statistics, so that folding them changes every convolution.
 """
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
+from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock
 from detectron2.utils.events import EventStorage
 
 from conftest import build_config
 from sparse_detr.inference import (FastInferenceModel, build_inference_model, fold_batch_norms, has_native_bf16,
                                    inference_precision)
+from sparse_detr.fusion import FusedConv, fuse_resnet
 from sparse_detr.layers import MSDeformAttn
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -110,6 +113,42 @@ def test_fold_batch_norms_equals_the_unfolded_backbone(tiny_model):
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-10, atol=1e-10)
 
 
+def test_fused_resnet_equals_the_folded_one(tiny_model):
+    """After folding, the stem and every block run their convolutions with the ReLU and the residual addition as
+    oneDNN post-ops: the same features in float32; in bf16 as close as bf16 rounding allows."""
+    model = randomise_norms(tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32))
+    backbone = model.backbone
+    image = torch.randn(1, 3, 64, 96).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert fuse_resnet(backbone) == 0  # batch norms not folded yet: nothing to fuse
+        fold_batch_norms(backbone)
+        folded = copy.deepcopy(backbone)
+        expected = folded(image)
+        assert fuse_resnet(backbone) == 53
+        assert isinstance(backbone.stem.conv1, FusedConv) and not any(
+            isinstance(m, (BottleneckBlock, BasicStem)) for m in backbone.modules())
+        actual = backbone(image)
+        for name in expected:  # float32 rounding at the features' magnitude (oneDNN may sum in another order)
+            scale = expected[name].abs().max().item()
+            torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-5 * scale)
+        folded.to(torch.bfloat16), backbone.to(torch.bfloat16)
+        expected, actual = folded(image.bfloat16()), backbone(image)
+        for name in expected:
+            assert actual[name].dtype == torch.bfloat16
+            scale = expected[name].float().abs().max()
+            assert (actual[name].float() - expected[name].float()).abs().max() <= 0.05 * scale
+
+
+def test_fusion_leaves_other_backbones_as_they_are(tiny_model):
+    """GroupNorm (the demo's backbone) cannot be folded, Swin has no ResNet blocks: both stay unfused."""
+    for config_name in ("demo.yaml", "sparse_detr_swint_rho0.2.yaml"):
+        model = tiny_model(config_name, dtype=torch.float32, tiny=config_name != "demo.yaml")
+        fold_batch_norms(model.backbone)
+        before = [type(m) for m in model.backbone.modules()]
+        assert fuse_resnet(model.backbone) == 0
+        assert [type(m) for m in model.backbone.modules()] == before
+
+
 def test_bfloat16_keeps_the_precision_sensitive_layers_in_float32(tiny_model, make_batch):
     model = tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32)
     fast = FastInferenceModel(model, torch.bfloat16)
@@ -119,7 +158,7 @@ def test_bfloat16_keeps_the_precision_sensitive_layers_in_float32(tiny_model, ma
     fp32 += list(transformer.class_embed) + list(transformer.bbox_embed) + [transformer.enc_mask_predictor.layer2[-1]]
     assert all(p.dtype == torch.float32 for m in fp32 for p in m.parameters())
     assert transformer.encoder.layers[0].linear1.weight.dtype == torch.bfloat16
-    assert fast.model.backbone.module.res4[0].conv2.weight.dtype == torch.bfloat16
+    assert fast.model.backbone.module.res4[0].inner[1].conv.weight.dtype == torch.bfloat16  # conv2, fused
     out = fast.predict(make_batch(dict(height=64, width=96), seed=5))
     assert out.pred_logits[-1].dtype == out.pred_boxes[-1].dtype == torch.float32
     assert out.dec_sampling_locations.dtype == out.dec_attention_weights.dtype == torch.float32
