@@ -113,6 +113,17 @@ def test_fold_batch_norms_equals_the_unfolded_backbone(tiny_model):
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-10, atol=1e-10)
 
 
+def test_sparse_encoder_updates_in_place_only_without_autograd(tiny_model, make_batch):
+    """Without autograd the sparse encoder writes its updated tokens into one copy of the memory in place; with
+    autograd it scatters out of place. Both give the same detections."""
+    model = tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float64)
+    inputs = make_batch(dict(height=64, width=96), dict(height=48, width=80), seed=2)
+    with torch.no_grad():
+        in_place = model(inputs)
+    out_of_place = model(inputs)
+    assert_same_detections(out_of_place, in_place, box_atol=1e-10, score_atol=1e-12)
+
+
 def test_fused_resnet_equals_the_folded_one(tiny_model):
     """After folding, the stem and every block run their convolutions with the ReLU and the residual addition as
     oneDNN post-ops: the same features in float32; in bf16 as close as bf16 rounding allows."""
