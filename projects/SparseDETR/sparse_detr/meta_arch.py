@@ -185,9 +185,17 @@ class SparseDETR(nn.Module):
             maps.append(proj(features[self.in_features[-1]] if len(maps) == len(self.in_features) else maps[-1]))
         _, _, height, width = images.tensor.shape
         sizes = torch.tensor([[int(h), int(w)] for h, w in images.image_sizes])  # (N, 2) (h, w); ints when traced
-        image_mask = ((torch.arange(height)[None, :, None] >= sizes[:, 0, None, None])
-                      | (torch.arange(width)[None, None, :] >= sizes[:, 1, None, None]))
-        return maps, [F.interpolate(image_mask[None].float(), size=m.shape[-2:]).bool()[0] for m in maps]
+        # The image mask is padded rows | padded columns, and nearest interpolation resizes each axis on its own:
+        # each level's mask is its resized rows | its resized columns (the image-sized mask is never made).
+        padded_rows = (torch.arange(height)[None, :] >= sizes[:, 0, None]).float()[:, None, :, None]  # (N, 1, H, 1)
+        padded_columns = (torch.arange(width)[None, :] >= sizes[:, 1, None]).float()[:, None, None, :]  # (N, 1, 1, W)
+        masks = []
+        for m in maps:
+            h, w = m.shape[-2:]
+            rows = F.interpolate(padded_rows, size=(h, 1)).bool()[:, 0]  # (N, h, 1)
+            columns = F.interpolate(padded_columns, size=(1, w)).bool()[:, 0]  # (N, 1, w)
+            masks.append(rows | columns)
+        return maps, masks
 
     def _padding_free_levels(self, images: ImageList) -> Tuple[List[Tensor], List[Tensor]]:
         """The backbone on each image at its own size, GroupNorm over each image's own map extent."""
