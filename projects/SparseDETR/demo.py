@@ -31,15 +31,13 @@ import tqdm
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
-from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from sparse_detr.checkpoint import SparseDETRCheckpointer
 from sparse_detr.cli import check_weights_file, load_config, reports_user_errors
 from sparse_detr.deploy import INPUT_NAME, OUTPUT_NAMES
-from sparse_detr.inference import build_inference_model
+from sparse_detr.predictor import SparseDETRPredictor
 from sparse_detr.transformer import TransformerOutput
 from sparse_detr.visualization import draw_kept_tokens, kept_token_masks
 
@@ -62,36 +60,26 @@ class Prediction(NamedTuple):
 
 
 class Predictor:
-    """Resize like the test loader, run the model once, keep detections above the threshold."""
+    """The package's SparseDETRPredictor (resize and format as Detectron2's DefaultPredictor, the evaluation path),
+    keeping the model's raw output and the detections above the threshold."""
 
     def __init__(self, cfg, confidence_threshold: float):
-        model = build_model(cfg).eval()
-        if cfg.MODEL.WEIGHTS:
-            SparseDETRCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-        else:
+        if not cfg.MODEL.WEIGHTS:
             logger.warning("no MODEL.WEIGHTS: the model is untrained (random weights) and its detections mean nothing; "
                            "give a checkpoint with --opts MODEL.WEIGHTS model.pth")
-        self.model = build_inference_model(cfg, model)  # TEST.FAST_INFERENCE, TEST.PRECISION
-        self.resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-        self.input_format = cfg.INPUT.FORMAT
+        self.predictor = SparseDETRPredictor(cfg)  # TEST.FAST_INFERENCE, TEST.PRECISION
         self.threshold = confidence_threshold
-        names = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused"
-        self.metadata = MetadataCatalog.get(names)
+        self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
 
     @torch.no_grad()
     def __call__(self, image_bgr: np.ndarray, name: str = "the image") -> Prediction:
-        rgb = image_bgr[:, :, ::-1]
-        resize = self.resize.get_transform(rgb)
-        if min(resize.new_h, resize.new_w) < 1:
-            raise ValueError(f"{name}: the {resize.h}x{resize.w} image has a zero side once resized to the test size "
-                             f"(INPUT.MIN_SIZE_TEST, MAX_SIZE_TEST): {resize.new_h}x{resize.new_w}; it is too thin")
-        resized = resize.apply_image(rgb)
-        model_input = resized if self.input_format == "RGB" else resized[:, :, ::-1]
-        tensor = torch.as_tensor(np.ascontiguousarray(model_input.transpose(2, 0, 1)), dtype=torch.float32)
-        inputs = [{"image": tensor, "height": image_bgr.shape[0], "width": image_bgr.shape[1]}]
-        out = self.model.predict(inputs)
-        instances = self.model.postprocess(out, inputs)[0]["instances"].to("cpu")
+        inputs = [self.predictor.preprocess(image_bgr, name)]
+        model = self.predictor.model
+        out = model.predict(inputs)
+        instances = model.postprocess(out, inputs)[0]["instances"].to("cpu")
         best = float(instances.scores.max()) if len(instances) else float("-inf")
+        seen = inputs[0]["image"].permute(1, 2, 0).to(torch.uint8).numpy()
+        resized = seen if self.predictor.input_format == "RGB" else seen[:, :, ::-1]
         return Prediction(instances[instances.scores >= self.threshold], best, out, resized)
 
 
