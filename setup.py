@@ -1,7 +1,11 @@
 """Install the ``sparse_detr`` package (source: projects/SparseDETR/sparse_detr) and its compiled op ``sparse_detr._C``.
 
 ``pip install --no-build-isolation -e .`` (what ``make setup`` runs) makes ``import sparse_detr`` work
-from any directory. ``sparse_detr._C`` (the deformable-attention kernels in ``csrc/``) is always built:
+from any directory; ``pip install --no-build-isolation .`` installs a copy, with the configs
+(projects/SparseDETR/configs) as the package data ``sparse_detr/configs``. The kernels compile against the
+installed torch, so the build needs it: under pip's build isolation (without ``--no-build-isolation``), which
+hides it, the build stops with one line saying so, rather than downloading another torch to build against.
+``sparse_detr._C`` (the deformable-attention kernels in ``csrc/``) is always built:
 
 * its CPU part, with the C++ compiler;
 * its CUDA part as well when ``FORCE_CUDA=1``, or when ``FORCE_CUDA`` is unset and torch sees a GPU
@@ -19,9 +23,20 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGE_DIR = "projects/SparseDETR/sparse_detr"
+CONFIG_DIR = "projects/SparseDETR/configs"
 # Turing to Hopper, and PTX that newer GPUs compile at load time. CUDA 13 dropped Volta (7.0) and older:
 # `nvcc --list-gpu-arch` starts at compute_75.
 DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
+
+
+def _require_torch():
+    """Stop with one line when torch cannot be imported: pip's build isolation hides the installed one."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise SystemExit("sparse_detr: the kernels compile against the installed torch, which this build cannot "
+                         "import: install torch (requirements.txt), then `pip install --no-build-isolation .` "
+                         "(pip's build isolation hides the installed torch)") from None
 
 
 def _toolkit_home():
@@ -61,6 +76,7 @@ def _build_cuda() -> bool:
 
 
 def _extensions():
+    _require_torch()
     home = _toolkit_home()
     if home:
         os.environ["CUDA_HOME"] = home  # torch.utils.cpp_extension reads it at import
@@ -98,8 +114,9 @@ setup(
     description="Sparse DETR (ICLR'22) as a Detectron2 plugin",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["sparse_detr", "sparse_detr.data", "sparse_detr.layers"],
-    package_dir={"sparse_detr": PACKAGE_DIR},
+    packages=["sparse_detr", "sparse_detr.configs", "sparse_detr.data", "sparse_detr.layers"],
+    package_dir={"sparse_detr": PACKAGE_DIR, "sparse_detr.configs": CONFIG_DIR},
+    package_data={"sparse_detr.configs": ["*.yaml"]},
     install_requires=["torch", "torchvision", "fvcore", "pycocotools", "scipy", "matplotlib"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -30,7 +30,7 @@ if [ "$FORCE_CUDA" = 1 ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 fi
 build_mode="FORCE_CUDA=$FORCE_CUDA TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}"
-inputs=$( (cat requirements.txt setup.py scripts/bootstrap.sh scripts/install_detectron2.py $(find csrc -type f 2>/dev/null | sort); echo "$build_mode") | sha256sum | cut -c1-16)
+inputs=$( (cat requirements.txt setup.py pyproject.toml scripts/bootstrap.sh scripts/install_detectron2.py $(find csrc -type f 2>/dev/null | sort); echo "$build_mode") | sha256sum | cut -c1-16)
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ] \
    && "$py" -c "import torch, detectron2, sparse_detr, sparse_detr._C" 2>/dev/null; then

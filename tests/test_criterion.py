@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparse_detr.criterion import HungarianMatcher, SetCriterion, dam_target, decoder_attention_map
+from sparse_detr.criterion import HungarianMatcher, SetCriterion, dam_target
+from sparse_detr.dam import decoder_attention_map
 from sparse_detr.transformer import TransformerOutput
 
 pytestmark = pytest.mark.usefixtures("single_thread")

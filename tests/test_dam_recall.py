@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from sparse_detr.criterion import HungarianMatcher, SetCriterion, dam_recall_masses, decoder_attention_map
+from sparse_detr.criterion import HungarianMatcher, SetCriterion
+from sparse_detr.dam import dam_recall_masses, decoder_attention_map
 from sparse_detr.evaluation import DAMRecallEvaluator
 from sparse_detr.transformer import TransformerOutput
 from sparse_detr.visualization import kept_token_masks

@@ -1,10 +1,13 @@
 """projects/SparseDETR/demo.py on a folder of images, with the kept-token panels."""
 import os
+import subprocess
 import sys
 
 import cv2
 import numpy as np
 import pytest
+import torch
+from detectron2.modeling import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "projects", "SparseDETR"))
@@ -129,3 +132,75 @@ def test_demo_uses_the_configs_confidence_threshold(tmp_path, caplog):
         assert demo.main(["--config-file", CONFIG, "--input", str(image), "--output", str(tmp_path / "out") + "/",
                           "--opts", *TINY, "TEST.CONFIDENCE_THRESHOLD", "0.97"]) == 0
     assert "no detection reaches --confidence-threshold 0.97" in caplog.text
+
+
+class DemoLog:
+    """The records of demo.py's logger (it does not propagate to pytest's handlers once demo.main has run)."""
+
+    def __init__(self, caplog):
+        self.caplog = caplog
+
+    def __enter__(self):
+        demo.logger.addHandler(self.caplog.handler)
+        return self.caplog
+
+    def __exit__(self, *exc):
+        demo.logger.removeHandler(self.caplog.handler)
+
+
+def test_demo_ends_with_what_it_drew_and_skipped(tmp_path, caplog):
+    images = tmp_path / "images"
+    images.mkdir()
+    write_image(images / "a.png")
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "text.jpg").write_text("not a JPEG")
+    with DemoLog(caplog):
+        assert run_demo("--input", str(images), "--output", str(tmp_path / "out")) == 0
+    assert caplog.records[-1].getMessage() == "1 drawn, 2 skipped"
+    assert os.listdir(tmp_path / "out") == ["a.png"]
+
+
+def test_demo_exits_non_zero_when_nothing_was_drawn(tmp_path):
+    """A folder with only a zero-byte image: the command says so in its last line and fails."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "empty.jpg").write_bytes(b"")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "projects", "SparseDETR", "demo.py"), "--config-file",
+                             CONFIG, "--input", str(tmp_path / "images"), "--output", str(tmp_path / "out"), "--opts",
+                             *TINY], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1].endswith(" 0 drawn, 1 skipped")
+    assert "skipping " + str(tmp_path / "images" / "empty.jpg") + ": not a readable image" in result.stdout
+
+
+def test_demo_draws_a_large_image_at_a_bounded_size_with_its_boxes_in_place(tmp_path, caplog):
+    """A 2400x4000 image is drawn at 1200x2000; the one detection kept is drawn where its box, scaled, lies."""
+    cfg = demo.load_config(CONFIG, TINY)
+    torch.manual_seed(3)
+    weights = tmp_path / "model.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    background = np.array([40, 160, 90], np.uint8)
+    image = np.empty((2400, 4000, 3), np.uint8)
+    image[:] = background
+    path = tmp_path / "large.png"
+    cv2.imwrite(str(path), image)
+    cfg.MODEL.WEIGHTS = str(weights)
+    detections = demo.Predictor(cfg, 0.0)(image).instances
+    first, second = detections.scores[:2].tolist()
+    assert first > second
+    x0, y0, x1, y1 = (detections.pred_boxes.tensor[0] / 2).tolist()  # the picture's scale: 2000 / 4000
+    assert x1 - x0 > 20 and y1 - y0 > 20, "a box large enough to see its edges"
+
+    with DemoLog(caplog):
+        assert demo.main(["--config-file", CONFIG, "--input", str(path), "--output", str(tmp_path / "out.png"),
+                          "--confidence-threshold", str((first + second) / 2),
+                          "--opts", *TINY, "MODEL.WEIGHTS", str(weights)]) == 0
+    assert "large.png is drawn at 1200x2000, not 2400x4000 (pictures are at most 2000 px on a side)" in caplog.text
+    picture = cv2.imread(str(tmp_path / "out.png"))
+    assert picture.shape == (1200, 2000, 3)
+    changed = np.abs(picture.astype(int) - background).max(-1) > 24
+    rows, cols = np.nonzero(changed)
+    # the box's top-left corner is where the drawing starts (its label lies right of it, or below)
+    assert abs(cols.min() - max(x0, 0)) < 4 and abs(rows.min() - max(y0, 0)) < 4, (cols.min(), rows.min(), x0, y0)
+    for x, y in [(x0, (y0 + y1) / 2), (x1, (y0 + y1) / 2), ((x0 + x1) / 2, y1)]:  # left, right and bottom edges
+        x, y = min(max(round(x), 0), 1999), min(max(round(y), 0), 1199)
+        assert changed[max(y - 3, 0):y + 4, max(x - 3, 0):x + 4].any(), (x, y)

@@ -257,3 +257,29 @@ def test_demo_onnx_draws_detections_in_the_original_image(demo_export, dense_exp
     assert "ONNX Runtime cannot load it" in capsys.readouterr().err
     assert demo.main(["--onnx", str(dense_export["onnx"]), "--input", str(images)]) == 2
     assert "takes a batch of 2 images; the demo runs one image at a time" in capsys.readouterr().err
+
+
+def test_demo_onnx_says_when_the_export_size_is_not_the_configs_test_size(demo_export, tmp_path, capsys):
+    """demo.yaml tests at a short side of 192 (long side at most 320), which makes a 64x96 image 192x288: the
+    graph sees objects at a third of the scale. An export whose size the test resize keeps says nothing."""
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), (np.random.default_rng(0).random((HEIGHT, WIDTH, 3)) * 255).astype(np.uint8))
+    graph = onnx.load(str(demo_export["onnx"]))
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert (meta["sparse_detr.min_size_test"], meta["sparse_detr.max_size_test"]) == ("192", "320")
+    args = ["--input", str(image), "--output", str(tmp_path / "out") + "/"]
+    assert demo.main(["--onnx", str(demo_export["onnx"]), *args]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    said = [line for line in lines if "tests at a short side" in line]
+    assert said == [lines[0]], "one line, at start-up"
+    assert said[0].endswith("model.onnx takes 64x96 images, but its config (demo.yaml) tests at a short side of 192 "
+                            "(long side at most 320: 64x96 becomes 192x288): images are scaled to 64x96 here, so the "
+                            "detections differ from evaluation's and demo.py --config-file's; export at 192x288 for "
+                            "the same")
+
+    for prop in graph.metadata_props:
+        prop.value = {"sparse_detr.min_size_test": "64", "sparse_detr.max_size_test": "100"}.get(prop.key, prop.value)
+    onnx.save(graph, str(tmp_path / "matching.onnx"))
+    assert demo.main(["--onnx", str(tmp_path / "matching.onnx"), *args]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines and not any("tests at a short side" in line for line in lines)

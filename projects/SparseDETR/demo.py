@@ -10,6 +10,8 @@
     python projects/SparseDETR/demo.py --onnx sparse_detr_r50_rho0.1_800x1216.onnx --input photos/ --output out/
 
 The model always returns its top 100 detections; the demo keeps those above --confidence-threshold.
+Pictures of images larger than MAX_DRAWN_SIDE pixels on a side are drawn smaller (the detections are those of
+the full image). Every run ends with the line "N drawn, M skipped"; the exit status is 1 when nothing was drawn.
 An ONNX model has a fixed input size: each image is resized to fit it (aspect kept) and padded with the
 pixel mean at the bottom and right, and the boxes are mapped back to the image (see OnnxPredictor).
 """
@@ -20,7 +22,7 @@ import logging
 import os
 import sys
 import time
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import sparse_detr  # noqa: F401  (first: silences known-harmless warnings of the imports below)
 import cv2
@@ -31,19 +33,20 @@ import tqdm
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
-from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from sparse_detr.checkpoint import SparseDETRCheckpointer
 from sparse_detr.cli import check_weights_file, load_config, reports_user_errors
 from sparse_detr.deploy import INPUT_NAME, OUTPUT_NAMES
-from sparse_detr.inference import build_inference_model
+from sparse_detr.predictor import SparseDETRPredictor
 from sparse_detr.transformer import TransformerOutput
 from sparse_detr.visualization import draw_kept_tokens, kept_token_masks
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# Longest side of a picture: Visualizer's time and memory grow with the pixels drawn, while inference runs at the
+# test size whatever the image's size.
+MAX_DRAWN_SIDE = 2000
 logger = logging.getLogger("sparse_detr.demo")
 
 
@@ -62,36 +65,26 @@ class Prediction(NamedTuple):
 
 
 class Predictor:
-    """Resize like the test loader, run the model once, keep detections above the threshold."""
+    """The package's SparseDETRPredictor (resize and format as Detectron2's DefaultPredictor, the evaluation path),
+    keeping the model's raw output and the detections above the threshold."""
 
     def __init__(self, cfg, confidence_threshold: float):
-        model = build_model(cfg).eval()
-        if cfg.MODEL.WEIGHTS:
-            SparseDETRCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-        else:
+        if not cfg.MODEL.WEIGHTS:
             logger.warning("no MODEL.WEIGHTS: the model is untrained (random weights) and its detections mean nothing; "
                            "give a checkpoint with --opts MODEL.WEIGHTS model.pth")
-        self.model = build_inference_model(cfg, model)  # TEST.FAST_INFERENCE, TEST.PRECISION
-        self.resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-        self.input_format = cfg.INPUT.FORMAT
+        self.predictor = SparseDETRPredictor(cfg)  # TEST.FAST_INFERENCE, TEST.PRECISION
         self.threshold = confidence_threshold
-        names = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused"
-        self.metadata = MetadataCatalog.get(names)
+        self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
 
     @torch.no_grad()
     def __call__(self, image_bgr: np.ndarray, name: str = "the image") -> Prediction:
-        rgb = image_bgr[:, :, ::-1]
-        resize = self.resize.get_transform(rgb)
-        if min(resize.new_h, resize.new_w) < 1:
-            raise ValueError(f"{name}: the {resize.h}x{resize.w} image has a zero side once resized to the test size "
-                             f"(INPUT.MIN_SIZE_TEST, MAX_SIZE_TEST): {resize.new_h}x{resize.new_w}; it is too thin")
-        resized = resize.apply_image(rgb)
-        model_input = resized if self.input_format == "RGB" else resized[:, :, ::-1]
-        tensor = torch.as_tensor(np.ascontiguousarray(model_input.transpose(2, 0, 1)), dtype=torch.float32)
-        inputs = [{"image": tensor, "height": image_bgr.shape[0], "width": image_bgr.shape[1]}]
-        out = self.model.predict(inputs)
-        instances = self.model.postprocess(out, inputs)[0]["instances"].to("cpu")
+        inputs = [self.predictor.preprocess(image_bgr, name)]
+        model = self.predictor.model
+        out = model.predict(inputs)
+        instances = model.postprocess(out, inputs)[0]["instances"].to("cpu")
         best = float(instances.scores.max()) if len(instances) else float("-inf")
+        seen = inputs[0]["image"].permute(1, 2, 0).to(torch.uint8).numpy()
+        resized = seen if self.predictor.input_format == "RGB" else seen[:, :, ::-1]
         return Prediction(instances[instances.scores >= self.threshold], best, out, resized)
 
 
@@ -126,6 +119,21 @@ class OnnxPredictor:
             self.metadata.set(thing_classes=names)
         self.threshold = confidence_threshold if confidence_threshold is not None else float(
             meta.get("sparse_detr.confidence_threshold", 0.5))
+        self._compare_with_the_test_size(os.path.basename(onnx_path), meta)
+
+    def _compare_with_the_test_size(self, name: str, meta) -> None:
+        """One line when the config's test resize would not give an image of the graph's own aspect its H x W:
+        the graph then sees objects at another scale than evaluation and ``demo.py --config-file`` do."""
+        if "sparse_detr.min_size_test" not in meta:  # an export of an earlier export.py
+            return
+        short, longest = int(meta["sparse_detr.min_size_test"]), int(meta["sparse_detr.max_size_test"])
+        tested = T.ResizeShortestEdge.get_output_shape(self.height, self.width, short, longest)
+        if tested != (self.height, self.width):
+            logger.warning("%s takes %dx%d images, but its config (%s) tests at a short side of %d (long side at most "
+                           "%d: %dx%d becomes %dx%d): images are scaled to %dx%d here, so the detections differ from "
+                           "evaluation's and demo.py --config-file's; export at %dx%d for the same", name, self.height,
+                           self.width, meta.get("sparse_detr.config", "?"), short, longest, self.height, self.width,
+                           *tested, self.height, self.width, *tested)
 
     def _check_signature(self, onnx_path: str):
         """(H, W) of the model's input; a ValueError when the file is not a fixed-size export.py model."""
@@ -164,16 +172,29 @@ class OnnxPredictor:
         return Prediction(instances[instances.scores >= self.threshold], best, None, resized)
 
 
+def drawn_size(height: int, width: int) -> Tuple[int, int]:
+    """(h, w) of the picture of a height x width image: its own size, or at most MAX_DRAWN_SIDE on a side."""
+    scale = min(1.0, MAX_DRAWN_SIDE / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def render(predictor: "Predictor | OnnxPredictor", image_bgr: np.ndarray, show_kept_tokens: bool,
            name: str = "the image") -> np.ndarray:
-    """Visualizer drawing (RGB), with the kept-token panels below it when asked."""
+    """Visualizer drawing (RGB) at :func:`drawn_size`, with the kept-token panels below it when asked."""
     prediction = predictor(image_bgr, name)
     if not len(prediction.instances):
         logger.info("%s: no detection reaches --confidence-threshold %g (the highest score is %.3f)", name,
                     predictor.threshold, prediction.best_score)
-    rgb = image_bgr[:, :, ::-1]
-    drawn = Visualizer(rgb, predictor.metadata, instance_mode=ColorMode.IMAGE)
-    picture = drawn.draw_instance_predictions(prediction.instances).get_image()
+    height, width = image_bgr.shape[:2]
+    size = drawn_size(height, width)
+    instances = prediction.instances
+    if size != (height, width):
+        image_bgr = cv2.resize(image_bgr, size[::-1], interpolation=cv2.INTER_AREA)
+        instances = Instances(size, **instances.get_fields())
+        instances.pred_boxes = Boxes(prediction.instances.pred_boxes.tensor
+                                     * torch.tensor([size[1] / width, size[0] / height] * 2))
+    drawn = Visualizer(image_bgr[:, :, ::-1], predictor.metadata, instance_mode=ColorMode.IMAGE)
+    picture = drawn.draw_instance_predictions(instances).get_image()
     if show_kept_tokens:
         out = prediction.output
         if out.kept_tokens is None:
@@ -202,16 +223,27 @@ def image_paths(inputs):
     return paths
 
 
-def run_images(predictor, args):
+def say_drawn_size(name: str, height: int, width: int) -> None:
+    size = drawn_size(height, width)
+    if size != (height, width):
+        logger.info("%s is drawn at %dx%d, not %dx%d (pictures are at most %d px on a side); its detections are "
+                    "those of the full image", name, *size, height, width, MAX_DRAWN_SIDE)
+
+
+def run_images(predictor, args) -> Tuple[int, int]:
+    """Draw every image of ``--input``; returns (drawn, skipped)."""
     paths = image_paths(args.input)
+    drawn = skipped = 0
     for path in tqdm.tqdm(paths, disable=not args.output):
         image = cv2.imread(path, cv2.IMREAD_COLOR)
         if image is None:
             logger.warning("skipping %s: not a readable image", path)
+            skipped += 1
             continue
         start = time.perf_counter()
         picture = render(predictor, image, args.show_kept_tokens, path)
         logger.info("%s: %.2fs", path, time.perf_counter() - start)
+        say_drawn_size(path, *image.shape[:2])
         if args.output:
             target = args.output
             # a folder: an existing one, "out/", or for several images any name
@@ -227,22 +259,29 @@ def run_images(predictor, args):
                 raise ValueError(f"could not write {target!r}: give a folder (out/) or a file with an image extension")
         else:
             cv2.imshow("Sparse DETR", picture[:, :, ::-1])
-            if cv2.waitKey(0) == 27:
-                break
+        drawn += 1
+        if not args.output and cv2.waitKey(0) == 27:
+            break
+    return drawn, skipped
 
 
-def run_video(predictor, args):
+def run_video(predictor, args) -> Tuple[int, int]:
+    """Draw every frame of ``--video-input`` or the webcam; returns (drawn, skipped): frames are never skipped."""
     source = 0 if args.webcam else args.video_input
     capture = cv2.VideoCapture(source)
     if not capture.isOpened():
         raise FileNotFoundError(f"cannot open {'the webcam' if args.webcam else repr(args.video_input)}")
     writer = None
+    drawn = 0
     frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
     for _ in tqdm.tqdm(iter(int, 1), total=frames, disable=args.webcam):
         ok, frame = capture.read()
         if not ok:
             break
+        if not drawn:
+            say_drawn_size("the video", *frame.shape[:2])
         picture = render(predictor, frame, args.show_kept_tokens, "the frame")[:, :, ::-1]
+        drawn += 1
         if args.output:
             if writer is None:
                 fps = capture.get(cv2.CAP_PROP_FPS) or 15.0
@@ -256,6 +295,7 @@ def run_video(predictor, args):
     capture.release()
     if writer is not None:
         writer.release()
+    return drawn, 0
 
 
 def get_parser():
@@ -296,11 +336,9 @@ def main(argv=None) -> int:
         cfg = setup_cfg(args)
         threshold = cfg.TEST.CONFIDENCE_THRESHOLD if args.confidence_threshold is None else args.confidence_threshold
         predictor = Predictor(cfg, threshold)
-    if args.input:
-        run_images(predictor, args)
-    else:
-        run_video(predictor, args)
-    return 0
+    drawn, skipped = run_images(predictor, args) if args.input else run_video(predictor, args)
+    logger.log(logging.INFO if drawn else logging.ERROR, "%d drawn, %d skipped", drawn, skipped)
+    return 0 if drawn else 1
 
 
 if __name__ == "__main__":

@@ -156,9 +156,12 @@ def class_names(cfg) -> Optional[List[str]]:
 
 
 def onnx_metadata(cfg, config_file: Path, args) -> Dict[str, str]:
-    """What ``demo.py --onnx`` needs besides the graph (padding value, class names), and the provenance."""
+    """What ``demo.py --onnx`` needs besides the graph (padding value, class names, the config's test size to
+    compare with the graph's), and the provenance."""
     return {"sparse_detr.config": config_file.name, "sparse_detr.weights": cfg.MODEL.WEIGHTS,
             "sparse_detr.input_size": f"{args.height}x{args.width}", "sparse_detr.sampler": args.sampler,
+            "sparse_detr.min_size_test": str(cfg.INPUT.MIN_SIZE_TEST),
+            "sparse_detr.max_size_test": str(cfg.INPUT.MAX_SIZE_TEST),
             "sparse_detr.pixel_mean": json.dumps(list(cfg.MODEL.PIXEL_MEAN)),
             "sparse_detr.confidence_threshold": str(cfg.TEST.CONFIDENCE_THRESHOLD),
             "sparse_detr.thing_classes": json.dumps(class_names(cfg))}

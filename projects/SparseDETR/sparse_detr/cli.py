@@ -22,6 +22,7 @@ from detectron2.engine import launch
 from detectron2.utils.file_io import PathManager
 
 from .config import add_sparse_detr_config
+from .config_files import CONFIG_DIR
 from .datasets import register_coco_json_datasets
 
 __all__ = ["CONFIG_DIR", "USER_ERRORS", "ProjectConfig", "check_config", "check_weights_file",
@@ -30,7 +31,6 @@ __all__ = ["CONFIG_DIR", "USER_ERRORS", "ProjectConfig", "check_config", "check_
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # What a user causes and can fix: wrong paths and files (OSError), wrong values (ValueError), unknown keys and
 # datasets (KeyError). Anything else is a bug of ours and keeps its traceback.
 USER_ERRORS = (KeyError, ValueError, OSError)
@@ -90,7 +90,7 @@ class ProjectConfig(CfgNode):
     """Detectron2's CfgNode that finds a ``_BASE_`` among the project's configs and takes integers for floats.
 
     * A ``_BASE_`` that does not resolve next to the file that names it is looked up by its file name in
-      ``projects/SparseDETR/configs``, so a config copied elsewhere (``cp configs/demo.yaml my/demo.yaml``)
+      the project's configs (:data:`CONFIG_DIR`), so a config copied elsewhere (``cp configs/demo.yaml my/demo.yaml``)
       keeps working.
     * An integer given for a float key (``MODEL.SPARSE_DETR.RHO 0``, ``RHO: 1`` in a file) becomes a float,
       where yacs would refuse it as a type mismatch.

@@ -6,7 +6,7 @@ import torch
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
-from .criterion import dam_recall_summary
+from .dam import dam_recall_summary
 
 __all__ = ["DAMRecallEvaluator"]
 

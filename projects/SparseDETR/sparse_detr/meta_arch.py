@@ -13,7 +13,8 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
 from .backbone import sine_position_embedding
-from .criterion import HungarianMatcher, SetCriterion, dam_recall_masses, output_dam, updated_token_mask
+from .criterion import HungarianMatcher, SetCriterion
+from .dam import dam_recall_masses, output_dam, updated_token_mask
 from .datasets import dataset_category_ids
 from .transformer import FlatFeatures, SparseDeformableTransformer, TransformerOutput
 

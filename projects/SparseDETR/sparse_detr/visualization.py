@@ -3,7 +3,7 @@ from typing import List
 
 import numpy as np
 
-from .criterion import updated_token_mask
+from .dam import updated_token_mask
 from .transformer import TransformerOutput
 
 __all__ = ["kept_token_masks", "draw_kept_tokens"]
