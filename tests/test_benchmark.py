@@ -171,9 +171,9 @@ def test_ab_inference_sides_run_their_own_paths_on_the_same_images():
              for label, text in (("A", "TEST.PRECISION float32"), ("B", "TEST.FAST_INFERENCE False"))]
     assert [side.overrides for side in sides] == [["TEST.PRECISION", "float32"], ["TEST.FAST_INFERENCE", "False"]]
     runs = ab_runs(sides, "inference", (HEIGHT, WIDTH), batch_size=2, device=torch.device("cpu"))
-    assert {label: path for label, (_, path) in runs.items()} == {"A": "fast, float32", "B": "plain"}
+    assert {label: run.path for label, run in runs.items()} == {"A": "fast, float32", "B": "plain"}
     with torch.no_grad():
-        fast, plain = (runs[label][0]() for label in "AB")
+        fast, plain = (runs[label].call() for label in "AB")
     # the same random weights and the same two images: the float32 fast path gives the plain path's detections
     assert len(fast) == len(plain) == 2
     for a, b in zip(fast, plain):
@@ -191,10 +191,10 @@ def test_ab_training_sides_train_alike_on_the_same_batch_with_the_same_seeds():
              for label, text in (("A", ""), ("B", "TEST.FAST_INFERENCE False"))]  # B's key: inference only
     initial = {name: p.detach().clone() for name, p in sides[0].model.named_parameters()}
     runs = ab_runs(sides, "training", (HEIGHT, WIDTH), batch_size=2, device=torch.device("cpu"), seed=3)
-    assert {label: path for label, (_, path) in runs.items()} == {"A": "training, float32", "B": "training, float32"}
+    assert {label: run.path for label, run in runs.items()} == {"A": "training, float32", "B": "training, float32"}
     with EventStorage():
         for label in "ABAB":
-            runs[label][0]()
+            runs[label].call()
     trained = dict(sides[0].model.named_parameters())
     assert any(not torch.equal(trained[name], value) for name, value in initial.items())
     for name, value in sides[1].model.named_parameters():

@@ -39,7 +39,7 @@ from .models import build_benchmark_model, device_name, evaluation_path, random_
 from .tables import cpu_line
 from .timing import Timing, image_batch, precision, take_turns
 
-__all__ = ["STEPS", "Ratio", "Side", "ab_benchmark", "ab_ratio", "ab_runs", "ab_table", "build_side",
+__all__ = ["STEPS", "Ratio", "Run", "Side", "ab_benchmark", "ab_ratio", "ab_runs", "ab_table", "build_side",
            "parse_overrides", "training_batch"]
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,13 @@ class Side(NamedTuple):
     overrides: List[str]
     cfg: CfgNode
     model: torch.nn.Module
+
+
+class Run(NamedTuple):
+    """One side's step, ready to be timed."""
+
+    call: Callable[[], object]  # runs the step once
+    path: str  # what runs: "fast, bfloat16", "plain", "training, float32", ...
 
 
 class Ratio(NamedTuple):
@@ -112,12 +119,12 @@ def training_batch(image_size: Tuple[int, int], batch_size: int, num_classes: in
     return batch
 
 
-def _inference_run(side: Side, batched_inputs: List[Dict], device: torch.device) -> Tuple[Callable, str]:
+def _inference_run(side: Side, batched_inputs: List[Dict], device: torch.device) -> Run:
     path = evaluation_path(side.cfg, side.model.to(device), device)
-    return partial(path.module, batched_inputs), path.label
+    return Run(partial(path.module, batched_inputs), path.label)
 
 
-def _training_run(side: Side, batch: List[Dict], device: torch.device, seed: int) -> Tuple[Callable, str]:
+def _training_run(side: Side, batch: List[Dict], device: torch.device, seed: int) -> Run:
     cfg = side.cfg
     model = channels_last_backbone(side.model.to(device).train())
     loader = itertools.repeat(batch)
@@ -134,12 +141,12 @@ def _training_run(side: Side, batch: List[Dict], device: torch.device, seed: int
         torch.manual_seed(stream_seed(seed, next(turns)))
         trainer.run_step()
 
-    return run, label
+    return Run(run, label)
 
 
 def ab_runs(sides: Sequence[Side], step: str, image_size: Tuple[int, int], batch_size: int, device: torch.device,
-            seed: int = 0) -> Dict[str, Tuple[Callable, str]]:
-    """label -> (a call that runs the side's ``step`` once, a label of its path); every side gets the same inputs."""
+            seed: int = 0) -> Dict[str, Run]:
+    """Each side's ``step``, by label; every side gets the same inputs."""
     if step == "inference":
         batched_inputs = image_batch(random_image(*image_size, seed).to(device), batch_size)
         make = partial(_inference_run, batched_inputs=batched_inputs, device=device)
@@ -179,15 +186,15 @@ def ab_benchmark(config_file: Path, overrides: Tuple[str, str], opts: Sequence[s
               "sides": {side.label: {"overrides": side.overrides} for side in sides}, "rows": []}
     for batch_size in batch_sizes:
         runs = ab_runs(sides, step, image_size, batch_size, device, seed)
-        for label, (_, path) in runs.items():
-            result["sides"][label]["path"] = path
+        for label, run in runs.items():
+            result["sides"][label]["path"] = run.path
         with ExitStack() as stack:
             if step == "inference":
                 stack.enter_context(torch.no_grad())
                 stack.enter_context(precision(device, timing.dtype))
             else:
                 stack.enter_context(EventStorage())
-            seconds = take_turns({label: run for label, (run, _) in runs.items()}, device, timing.warmup,
+            seconds = take_turns({label: run.call for label, run in runs.items()}, device, timing.warmup,
                                  timing.repeats, desc=f"A/B {step}, batch {batch_size}", clock=timing.timer)
         ratio = ab_ratio(seconds["A"], seconds["B"])
         logger.info("A/B %s, batch %d: A %.1f ms, B %.1f ms (medians), B/A %.3f (per turn %.3f-%.3f)", step,
