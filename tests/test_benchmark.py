@@ -1,4 +1,5 @@
-"""The benchmark tool: FLOP counting handles, the timing path, the scaling study and the ``--json`` output.
+"""The benchmark tool and its package: FLOP counting handles, the timing path, the scaling study, the ``--json``
+output, and A/B runs (turns interleaved, the same inputs for both sides, the ratio, bad overrides).
 
 Tiny models (conftest's TINY transformer on the config's ResNet-50) on 64x96 images keep this fast. The
 level sizes of a 64x96 image are 8x12, 4x6, 2x3 and 1x2: 128 tokens, of which rho = 0.1 keeps
@@ -9,20 +10,28 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
+from detectron2.utils.events import EventStorage
 from fvcore.nn import FlopCountAnalysis
 
+from sparse_detr.benchmark import Timing, ab_table, scaling_study, scaling_table
+from sparse_detr.benchmark.ab import Ratio, ab_ratio, ab_runs, build_side, training_batch
+from sparse_detr.benchmark.counts import encoder_auxiliary_heads, trainable_parameters
+from sparse_detr.benchmark.timing import measure_speed, take_turns
 from sparse_detr.flops import SAMPLING_TAPS, authors_op_handles, count_flops
+from sparse_detr.inference import cpu_description
 from sparse_detr.layers import multi_scale_deformable_attention
 
-from conftest import REPO_ROOT, TINY, load_script
+from conftest import CONFIG_DIR, REPO_ROOT, TINY, load_script
 
 BENCHMARK_PATH = REPO_ROOT / "projects" / "SparseDETR" / "benchmark.py"
 HEIGHT, WIDTH = 64, 96
 LEVEL_SHAPES = [(8, 12), (4, 6), (2, 3), (1, 2)]
 TOKENS = sum(h * w for h, w in LEVEL_SHAPES)
+TINY_OVERRIDES = [item for key, value in TINY.items() for item in (f"MODEL.SPARSE_DETR.{key}", str(value))]
 
 
 @pytest.fixture(scope="module")
@@ -88,32 +97,28 @@ def test_flop_count_keeps_every_head(tiny_model):
     assert count.by_module[""] == count.total_with_sampling
 
 
-def test_speed_on_cpu(benchmark, tiny_model):
+def test_speed_on_cpu(tiny_model):
     model = tiny_model("sparse_detr_r50_rho0.1.yaml", dtype=torch.float32)
-    speed = benchmark.measure_speed(model, image_batch()[0], batch_size=2, warmup=0, repeats=1)
+    speed = measure_speed(model, image_batch()[0], batch_size=2, warmup=0, repeats=1)
     assert len(speed.seconds) == 1 and speed.seconds[0] > 0
     assert speed.fps > 0 and all(v > 0 for v in speed.fps_iqr)
     assert speed.peak_mem_mb is None or speed.peak_mem_mb >= 0
 
 
 def test_scaling_study(benchmark, tmp_path):
-    overrides = [f"MODEL.SPARSE_DETR.{key} {value}" for key, value in TINY.items()]
-    args = benchmark.build_parser().parse_args(
-        ["--scaling", "--device", "cpu", "--scaling-sizes", "48", "--scaling-repeats", "1", "--scaling-warmup", "0",
-         "--config-file", "sparse_detr_r50_rho0.1.yaml"] + " ".join(overrides).split())
-    rows = benchmark.scaling_study([benchmark.resolve_config_file(c) for c in args.config_file], args)
+    rows = scaling_study([CONFIG_DIR / "sparse_detr_r50_rho0.1.yaml"], TINY_OVERRIDES,
+                         Timing(torch.device("cpu"), warmup=0, repeats=1), short_sides=[48])
     assert [(r["short_side"], r["image_size"]) for r in rows] == [(48, [48, 72])]
     assert 0 < rows[0]["encoder_ms"] < rows[0]["total_ms"]
     benchmark.plot_scaling(rows, tmp_path / "scaling.png", "CPU")
     assert (tmp_path / "scaling.png").stat().st_size > 0
-    assert "| sparse_detr_r50_rho0.1.yaml | 48 | 48x72 |" in benchmark.scaling_table(rows, "CPU")
+    assert "| sparse_detr_r50_rho0.1.yaml | 48 | 48x72 |" in scaling_table(rows, "CPU")
 
 
 def test_json_output():
-    overrides = [item for key, value in TINY.items() for item in (f"MODEL.SPARSE_DETR.{key}", str(value))]
     command = [sys.executable, str(BENCHMARK_PATH), "--config-file", "sparse_detr_r50_rho0.1.yaml", "--json",
                "--device", "cpu", "--image-size", str(HEIGHT), str(WIDTH), "--repeats", "1", "--warmup", "0",
-               "--threads", "1", *overrides]
+               "--threads", "1", *TINY_OVERRIDES]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -124,11 +129,117 @@ def test_json_output():
     assert result["fps"] > 0 and result["b4fps"] > 0 and result["params_m"] > 0
 
 
-def test_paper_parameter_count_leaves_out_the_encoder_auxiliary_heads(benchmark, tiny_model):
+def test_paper_parameter_count_leaves_out_the_encoder_auxiliary_heads(tiny_model):
     sparse = tiny_model("sparse_detr_r50_rho0.1.yaml")  # 2 decoder layers, the two-stage head, 1 auxiliary head
-    heads = benchmark.encoder_auxiliary_heads(sparse)
+    heads = encoder_auxiliary_heads(sparse)
     assert heads == ["transformer.class_embed.3.", "transformer.bbox_embed.3."]
     auxiliary = sum(p.numel() for m in (sparse.transformer.class_embed[3], sparse.transformer.bbox_embed[3])
                     for p in m.parameters())
-    assert benchmark.trainable_parameters(sparse) - benchmark.trainable_parameters(sparse, heads) == auxiliary > 0
-    assert benchmark.encoder_auxiliary_heads(tiny_model("deformable_detr_r50_bbr_two_stage.yaml")) == []
+    assert trainable_parameters(sparse) - trainable_parameters(sparse, heads) == auxiliary > 0
+    assert encoder_auxiliary_heads(tiny_model("deformable_detr_r50_bbr_two_stage.yaml")) == []
+
+
+# ---- A/B ------------------------------------------------------------------------------------------------
+
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
+TINY_DEMO = ["MODEL.SPARSE_DETR.HIDDEN_DIM", "32", "MODEL.SPARSE_DETR.NHEADS", "2", "MODEL.SPARSE_DETR.ENC_LAYERS", "1",
+             "MODEL.SPARSE_DETR.DEC_LAYERS", "1", "MODEL.SPARSE_DETR.NUM_QUERIES", "10",
+             "MODEL.SPARSE_DETR.DIM_FEEDFORWARD", "32"]
+
+
+def test_take_turns_warms_each_side_up_then_interleaves_and_the_ratio_comes_from_the_medians():
+    order, now = [], [0.0]
+    durations = {"A": [9.0, 9.0, 1.0, 2.0, 4.0, 8.0], "B": [7.0, 7.0, 2.0, 2.0, 2.0, 2.0]}  # 2 warm-ups, 4 turns
+
+    def run(side):
+        order.append(side)
+        now[0] += durations[side].pop(0)
+
+    seconds = take_turns({"A": partial(run, "A"), "B": partial(run, "B")}, torch.device("cpu"), warmup=2, repeats=4,
+                         clock=lambda: now[0])
+    assert order == ["A", "A", "B", "B"] + ["A", "B"] * 4
+    assert seconds == {"A": [1.0, 2.0, 4.0, 8.0], "B": [2.0, 2.0, 2.0, 2.0]}
+    # medians 3 and 2: B / A = 2/3 (not the median of the per-turn ratios, 0.75); per turn 2, 1, 0.5, 0.25
+    assert ab_ratio(seconds["A"], seconds["B"]) == Ratio(median_a=3.0, median_b=2.0, b_over_a=2 / 3,
+                                                         per_turn_min=0.25, per_turn_max=2.0)
+    with pytest.raises(ValueError, match="A/B turns come in pairs"):
+        ab_ratio([1.0, 2.0], [1.0])
+
+
+def test_ab_inference_sides_run_their_own_paths_on_the_same_images():
+    sides = [build_side(DEMO_CONFIG, TINY_DEMO, label, text)
+             for label, text in (("A", "TEST.PRECISION float32"), ("B", "TEST.FAST_INFERENCE False"))]
+    assert [side.overrides for side in sides] == [["TEST.PRECISION", "float32"], ["TEST.FAST_INFERENCE", "False"]]
+    runs = ab_runs(sides, "inference", (HEIGHT, WIDTH), batch_size=2, device=torch.device("cpu"))
+    assert {label: run.path for label, run in runs.items()} == {"A": "fast, float32", "B": "plain"}
+    with torch.no_grad():
+        fast, plain = (runs[label].call() for label in "AB")
+    # the same random weights and the same two images: the float32 fast path gives the plain path's detections
+    assert len(fast) == len(plain) == 2
+    for a, b in zip(fast, plain):
+        a, b = a["instances"], b["instances"]
+        assert a.image_size == b.image_size == (HEIGHT, WIDTH)
+        assert torch.equal(a.pred_classes, b.pred_classes)
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-5)
+
+
+def test_ab_training_sides_train_alike_on_the_same_batch_with_the_same_seeds():
+    """Two sides of one configuration (dropout on) taking turns: the same batch, initial weights and per-turn
+    seeds give bitwise the same weights after each side's two iterations, and the iterations changed them."""
+    common = [*TINY_DEMO, "MODEL.SPARSE_DETR.DROPOUT", "0.1"]
+    sides = [build_side(DEMO_CONFIG, common, label, text)
+             for label, text in (("A", ""), ("B", "TEST.FAST_INFERENCE False"))]  # B's key: inference only
+    initial = {name: p.detach().clone() for name, p in sides[0].model.named_parameters()}
+    runs = ab_runs(sides, "training", (HEIGHT, WIDTH), batch_size=2, device=torch.device("cpu"), seed=3)
+    assert {label: run.path for label, run in runs.items()} == {"A": "training, float32", "B": "training, float32"}
+    with EventStorage():
+        for label in "ABAB":
+            runs[label].call()
+    trained = dict(sides[0].model.named_parameters())
+    assert any(not torch.equal(trained[name], value) for name, value in initial.items())
+    for name, value in sides[1].model.named_parameters():
+        assert torch.equal(trained[name], value), name
+
+
+def test_training_batch_is_fixed_by_its_seed():
+    first, again = training_batch((HEIGHT, WIDTH), 2, num_classes=3, seed=5), training_batch((HEIGHT, WIDTH), 2, 3, 5)
+    for a, b in zip(first, again):
+        assert torch.equal(a["image"], b["image"]) and a["image"].shape == (3, HEIGHT, WIDTH)
+        assert torch.equal(a["instances"].gt_boxes.tensor, b["instances"].gt_boxes.tensor)
+        boxes = a["instances"].gt_boxes.tensor
+        assert (boxes[:, 2:] > boxes[:, :2]).all() and (boxes[:, 2:] <= torch.tensor([WIDTH, HEIGHT])).all()
+        assert a["instances"].gt_classes.max() < 3
+    assert not torch.equal(first[0]["image"], first[1]["image"])
+
+
+def test_ab_prints_both_sides_the_ratio_and_the_cpu(benchmark, capsys):
+    argv = ["--config-file", str(DEMO_CONFIG), "--device", "cpu", "--image-size", str(HEIGHT), str(WIDTH),
+            "--batch-sizes", "1", "--repeats", "2", "--warmup", "1",
+            "--ab", "TEST.PRECISION float32", "TEST.FAST_INFERENCE False", "--json", *TINY_DEMO]
+    assert benchmark.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)["ab"]
+    assert result["step"] == "inference" and result["turns"] == 2 and result["warmup"] == 1
+    assert result["sides"] == {"A": {"overrides": ["TEST.PRECISION", "float32"], "path": "fast, float32"},
+                               "B": {"overrides": ["TEST.FAST_INFERENCE", "False"], "path": "plain"}}
+    [row] = result["rows"]
+    assert row["batch_size"] == 1 and [len(row["seconds"][side]) for side in "AB"] == [2, 2]
+    assert row["b_over_a"] == pytest.approx(row["median_b"] / row["median_a"])
+    assert result["cpu"]["model"] == cpu_description()["model"] and result["threads"] == 1
+    text = ab_table(result)
+    assert "* A: TEST.PRECISION float32 (fast, float32)" in text and "* B: TEST.FAST_INFERENCE False (plain)" in text
+    assert f"| 1 | {1e3 * row['median_a']:.1f} | {1e3 * row['median_b']:.1f} | {row['b_over_a']:.2f}x |" in text
+    assert f"native bf16: {'yes' if cpu_description()['native_bf16'] else 'no'}" in text
+
+
+@pytest.mark.parametrize("ab, extra, message", [
+    (["TEST.NOPE 1", ""], [], "error: --ab side A 'TEST.NOPE 1': command line: Non-existent key: TEST.NOPE"),
+    (["", "TEST.PRECISION"], [], "error: --ab side B 'TEST.PRECISION': give KEY VALUE pairs"),
+    (["", "TEST.PRECISION float16"], [], "error: --ab side B 'TEST.PRECISION float16': TEST.PRECISION must be one of"),
+    (["", ""], ["--scaling"], "error: --ab times one config's two sides: it does not go with --scaling"),
+    (["", ""], ["--ab-step", "training", "--dtype", "bf16"], "error: --dtype is for inference"),
+])
+def test_ab_bad_input_is_one_error_line(benchmark, capsys, ab, extra, message):
+    argv = ["--config-file", str(DEMO_CONFIG), "--device", "cpu", "--image-size", str(HEIGHT), str(WIDTH),
+            "--batch-sizes", "1", *extra, "--ab", *ab, *TINY_DEMO]
+    assert benchmark.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(message)

@@ -1,4 +1,5 @@
 """projects/SparseDETR/demo.py on a folder of images, with the kept-token panels."""
+import json
 import os
 import subprocess
 import sys
@@ -204,3 +205,104 @@ def test_demo_draws_a_large_image_at_a_bounded_size_with_its_boxes_in_place(tmp_
     for x, y in [(x0, (y0 + y1) / 2), (x1, (y0 + y1) / 2), ((x0 + x1) / 2, y1)]:  # left, right and bottom edges
         x, y = min(max(round(x), 0), 1999), min(max(round(y), 0), 1199)
         assert changed[max(y - 3, 0):y + 4, max(x - 3, 0):x + 4].any(), (x, y)
+
+
+DEMO_WEIGHTS = os.path.join(ROOT, "tests", "data", "demo_model", "model_final_fp16.pth")
+TRAIN_NET = os.path.join(ROOT, "projects", "SparseDETR", "train_net.py")
+
+
+def test_demo_report_calibrates_on_the_evaluations_detections_and_runs_the_model_for_the_drawn_images(
+        tmp_path, monkeypatch, caplog):
+    """A run folder of the trained demo model (tests/data/demo_model) evaluated by ``train_net.py --eval-only`` on
+    6 generated val images: the report's F1 and thresholds from the evaluation's detections are those it gets by
+    predicting every image itself (the fallback, once the file is older than the weights), and with the file the
+    model runs for the 2 drawn images only. The evaluation runs one image at a time, as the report predicts: in
+    padded batches its detections would equal the report's only to float rounding."""
+    import torch
+    from detectron2.modeling import build_model
+
+    from conftest import load_script
+    from sparse_detr.checkpoint import SparseDETRCheckpointer
+    from sparse_detr.cli import load_config
+    from sparse_detr.inference import FastInferenceModel
+
+    sys.path.insert(0, os.path.join(ROOT, "projects", "SparseDETR", "tools"))
+    import demo_report
+
+    monkeypatch.setenv("SPARSE_DETR_DATASETS", str(tmp_path / "shapes"))
+    monkeypatch.setenv("SPARSE_DETR_SHAPES_VAL_SIZE", "6")
+    config = tmp_path / "demo_batch1.yaml"
+    config.write_text('_BASE_: "demo.yaml"\nTEST:\n  IMS_PER_BATCH: 1\n')
+    run = tmp_path / "run"
+    model = build_model(load_config(str(config)))
+    state = torch.load(DEMO_WEIGHTS, map_location="cpu", weights_only=True)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    SparseDETRCheckpointer(model, save_dir=str(run)).save("model_final")
+    (run / "metrics.json").write_text(json.dumps({"iteration": 0, "total_loss": 1.0}) + "\n")
+    train_net = load_script(TRAIN_NET, "sparse_detr_train_net")
+    train_net.main(train_net.default_argument_parser().parse_args(
+        ["--config-file", str(config), "--eval-only", "MODEL.WEIGHTS", str(run / "model_final.pth"),
+         "OUTPUT_DIR", str(run)]))
+    detections_file = run / "inference" / "coco_instances_results.json"
+    assert detections_file.is_file()
+
+    predicted_images = []
+    predict = FastInferenceModel.predict
+
+    def counted(self, batched_inputs):
+        predicted_images.extend(tuple(x["image"].shape) for x in batched_inputs)
+        return predict(self, batched_inputs)
+
+    monkeypatch.setattr(FastInferenceModel, "predict", counted)
+    demo_report.logger.addHandler(caplog.handler)  # its logger does not propagate to pytest's handler
+
+    def report():
+        predicted_images.clear()
+        caplog.clear()
+        assert demo_report.main(["--config-file", str(config), "--output-dir", str(run), "--num-images", "2"]) == 0
+        return json.loads((run / "results.json").read_text())
+
+    try:
+        reused = report()
+        assert len(predicted_images) == 2 and sorted(os.listdir(run / "predictions")) == ["000000.png", "000001.png"]
+        assert "calibrating on the evaluation's detections" in caplog.text
+        weights_time = os.path.getmtime(run / "model_final.pth")
+        os.utime(detections_file, (weights_time - 60, weights_time - 60))
+        fallback = report()
+        assert len(predicted_images) == 6
+        assert "is older than" in caplog.text and "the report predicts every val image" in caplog.text
+    finally:
+        demo_report.logger.removeHandler(caplog.handler)
+    assert reused["calibrated_on"] == "inference/coco_instances_results.json"
+    assert fallback["calibrated_on"] == "the report's own predictions"
+    assert reused["confidence_threshold"] == fallback["confidence_threshold"]
+    assert reused["confidence_threshold"]["best"]["f1"] > 0.3  # the trained model finds the shapes
+
+
+def test_demo_report_predicts_itself_without_the_evaluations_detections(tmp_path, caplog):
+    """A missing file, and one with an image the dataset does not hold, give no detections, with the reason."""
+    sys.path.insert(0, os.path.join(ROOT, "projects", "SparseDETR", "tools"))
+    import demo_report
+    from detectron2.data import MetadataCatalog
+
+    weights = tmp_path / "model_final.pth"
+    weights.write_bytes(b"")
+    records = [{"image_id": 1}, {"image_id": 2}]
+    metadata = MetadataCatalog.get("sparse_detr_shapes_val")  # COCO ids 1..5 -> contiguous 0..4
+    found = tmp_path / "found.json"
+    found.write_text(json.dumps([{"image_id": 2, "category_id": 3, "bbox": [10.0, 20.0, 30.0, 5.0], "score": 0.75}]))
+    demo_report.logger.addHandler(caplog.handler)
+    try:
+        missing = tmp_path / "missing.json"
+        assert demo_report.evaluation_detections(str(missing), str(weights), records, metadata) is None
+        assert "(the evaluation did not run): the report predicts every val image" in caplog.text
+        detections = demo_report.evaluation_detections(str(found), str(weights), records, metadata)
+        foreign = tmp_path / "foreign.json"
+        foreign.write_text(json.dumps([{"image_id": 9, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}]))
+        assert demo_report.evaluation_detections(str(foreign), str(weights), records, metadata) is None
+        assert "image id 9 is not one of sparse_detr_shapes_val's" in caplog.text
+    finally:
+        demo_report.logger.removeHandler(caplog.handler)
+    assert len(detections[1].scores) == 0 and detections[1].boxes.shape == (0, 4)
+    assert detections[2].scores.tolist() == [0.75] and detections[2].classes.tolist() == [2]
+    assert detections[2].boxes.tolist() == [[10.0, 20.0, 40.0, 25.0]]

@@ -12,12 +12,19 @@ Pictures show the detections from ``--confidence-threshold`` (default: the confi
 The report also calibrates it: over the whole validation set, the threshold with the best F1 of detections
 matched to ground truth of their class at IoU >= 0.5 (greedy by score, as COCO matches), with the precision and
 recall there and at the threshold used.
+
+The calibration takes the detections the evaluation after training wrote (COCOEvaluator's
+``inference/coco_instances_results.json`` in the output folder, COCO category ids and XYWH boxes), so the model
+runs only for the images drawn. Without that file, or with one older than ``model_final.pth``, the report
+predicts every val image itself, and says so.
 """
 import argparse
 import json
 import logging
 import os
 import sys
+from collections import defaultdict
+from typing import Dict, List, NamedTuple, Optional
 
 import matplotlib
 
@@ -30,6 +37,7 @@ from tqdm import tqdm  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog, detection_utils  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
+from detectron2.structures import BoxMode  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
@@ -44,6 +52,16 @@ logger = logging.getLogger("sparse_detr.report")
 CURVES = [("total_loss", "total loss"), ("loss_ce", "classification (last layer)"),
           ("loss_bbox", "L1 box (last layer)"), ("loss_giou", "GIoU (last layer)"),
           ("loss_mask_prediction", "DAM prediction"), ("dam_recall", "DAM recall of kept tokens")]
+# COCOEvaluator's detections, in the output folder (train_net.py evaluates into OUTPUT_DIR/inference)
+EVALUATION_DETECTIONS = os.path.join("inference", "coco_instances_results.json")
+
+
+class Detections(NamedTuple):
+    """The detections of one image."""
+
+    scores: torch.Tensor  # (N,) float32
+    classes: torch.Tensor  # (N,) int64, contiguous class ids
+    boxes: torch.Tensor  # (N, 4) float32, XYXY absolute pixels of the original image
 
 
 def read_metrics(path):
@@ -124,6 +142,46 @@ def calibrate(pairs, num_truths: int, used_threshold: float):
     return {"best": best, "used": at_used}
 
 
+def evaluation_detections(path: str, weights: str, dataset_dicts: List[Dict],
+                          metadata) -> Optional[Dict[int, Detections]]:
+    """The detections of every image of ``dataset_dicts`` in COCOEvaluator's ``path``, by image id, or None when
+    they cannot stand for the model's: the file is missing, older than ``weights``, unreadable, or of other images
+    or categories. The reason is logged in one line.
+
+    COCO category ids go back to contiguous ids through the dataset's ``thing_dataset_id_to_contiguous_id``
+    (COCOEvaluator's mapping, which it skips where the metadata has none); XYWH boxes become XYXY.
+    """
+    if not os.path.isfile(path):
+        logger.info("no %s (the evaluation did not run): the report predicts every val image", path)
+        return None
+    if os.path.getmtime(path) < os.path.getmtime(weights):
+        logger.info("%s is older than %s: the report predicts every val image", path, weights)
+        return None
+    mapping = metadata.get("thing_dataset_id_to_contiguous_id", None)
+    by_image = defaultdict(list)
+    try:
+        with open(path) as f:
+            results = json.load(f)
+        image_ids = {record["image_id"] for record in dataset_dicts}
+        for result in results:
+            category = result["category_id"] if mapping is None else mapping[result["category_id"]]
+            if result["image_id"] not in image_ids:
+                raise ValueError(f"image id {result['image_id']} is not one of {metadata.name}'s")
+            by_image[result["image_id"]].append((result["score"], category, result["bbox"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        logger.warning("%s does not hold this dataset's detections (%s: %s): the report predicts every val image",
+                       path, type(e).__name__, e)
+        return None
+    detections = {}
+    for image_id in image_ids:
+        scores, classes, boxes = zip(*by_image[image_id]) if by_image[image_id] else ((), (), ())
+        boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        detections[image_id] = Detections(torch.tensor(scores, dtype=torch.float32),
+                                          torch.tensor(classes, dtype=torch.int64),
+                                          BoxMode.convert(boxes, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS))
+    return detections
+
+
 @reports_user_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,24 +210,34 @@ def main(argv=None):
     SparseDETRCheckpointer(model).load(weights)
     model = build_inference_model(cfg, model)  # what evaluation ran
     dataset = cfg.DATASETS.TEST[0]
-    metadata = MetadataCatalog.get(dataset)
+    dataset_dicts = DatasetCatalog.get(dataset)
+    metadata = MetadataCatalog.get(dataset)  # after loading: a COCO json's dataset sets its id mapping then
+    detections_file = os.path.join(args.output_dir, EVALUATION_DETECTIONS)
+    evaluated = evaluation_detections(detections_file, weights, dataset_dicts, metadata)
+    if evaluated is not None:
+        logger.info("calibrating on the evaluation's detections (%s); the model runs for the %d images drawn",
+                    detections_file, min(args.num_images, len(dataset_dicts)))
     resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
     os.makedirs(os.path.join(args.output_dir, "predictions"), exist_ok=True)
     os.makedirs(os.path.join(args.output_dir, "kept_tokens"), exist_ok=True)
     pairs, num_truths = [], 0
-    for index, record in enumerate(tqdm(DatasetCatalog.get(dataset), desc="validation images", file=sys.stderr)):
-        image = detection_utils.read_image(record["file_name"], format="RGB")
-        resized = resize.get_transform(image).apply_image(image)
-        inputs = [{"image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)), dtype=torch.float32),
-                   "height": image.shape[0], "width": image.shape[1]}]
-        with torch.no_grad():
-            out = model.predict(inputs)
-            instances = model.postprocess(out, inputs)[0]["instances"]
-        truth = detection_utils.annotations_to_instances(record["annotations"], image.shape[:2])
-        pairs += matched_scores(instances.scores, instances.pred_classes, instances.pred_boxes.tensor,
-                                truth.gt_classes, truth.gt_boxes.tensor)
+    for index, record in enumerate(tqdm(dataset_dicts, desc="validation images", file=sys.stderr)):
+        drawn = index < args.num_images
+        if drawn or evaluated is None:
+            image = detection_utils.read_image(record["file_name"], format="RGB")
+            resized = resize.get_transform(image).apply_image(image)
+            inputs = [{"image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)),
+                                                dtype=torch.float32),
+                       "height": image.shape[0], "width": image.shape[1]}]
+            with torch.no_grad():
+                out = model.predict(inputs)
+                instances = model.postprocess(out, inputs)[0]["instances"]
+        truth = detection_utils.annotations_to_instances(record["annotations"], (record["height"], record["width"]))
+        found = evaluated[record["image_id"]] if evaluated is not None else Detections(
+            instances.scores, instances.pred_classes, instances.pred_boxes.tensor)
+        pairs += matched_scores(*found, truth.gt_classes, truth.gt_boxes.tensor)
         num_truths += len(truth)
-        if index >= args.num_images:
+        if not drawn:
             continue
         instances = instances[instances.scores >= threshold]
         predicted = Visualizer(image, metadata, scale=2.0).draw_instance_predictions(instances).get_image()
@@ -185,6 +253,7 @@ def main(argv=None):
 
     results = {"evaluation": evaluation_results(records), "iterations": records[-1]["iteration"] + 1 if records else 0,
                "confidence_threshold": calibration,
+               "calibrated_on": EVALUATION_DETECTIONS if evaluated is not None else "the report's own predictions",
                "pictures": {"curves": "training_curves.png", "predictions (left) and ground truth (right)":
                             "predictions/", "kept tokens per level": "kept_tokens/"}}
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:

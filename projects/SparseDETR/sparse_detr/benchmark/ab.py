@@ -1,0 +1,223 @@
+"""A/B: two configurations of one config file timed in the same run, their turns interleaved.
+
+Side A and side B are the config file with the common overrides, then their own (``KEY VALUE ...``). Both
+sides are built before anything is timed, from the same seed (the same random weights where their parameters
+agree), and take the same inputs. Each is warmed up (the warm-up runs of A, then those of B); then they take
+turns, A, B, A, B, ..., so that a busy spell of a shared machine slows both alike. The step timed is one of:
+
+* ``inference``: ``module(batched_inputs)`` on the path evaluation runs (``TEST.FAST_INFERENCE``,
+  ``TEST.PRECISION``), on ``batch_size`` copies of one random image, without gradients;
+* ``training``: one iteration of Detectron2's trainer, as ``train_net.py`` builds it (forward, loss, backward,
+  optimizer step; ``SimpleTrainer``, or ``MixedPrecisionTrainer`` with ``SOLVER.AMP.ENABLED``; the backbone
+  channels-last on the CPU), on one fixed batch of random images with random ground truth; each side's k-th
+  turn starts from the same torch seed, so that dropout draws alike.
+
+Each side's median over its turns gives the ratio ``b_over_a`` = median(B) / median(A): A's speed-up over B
+(above 1 when A is faster). Its spread is the range of the per-turn ratios b_k / a_k, each taken from two
+runs a moment apart.
+"""
+import itertools
+import logging
+import shlex
+import statistics
+from contextlib import ExitStack, contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from detectron2.config import CfgNode
+from detectron2.engine import SimpleTrainer
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from ..engine import MixedPrecisionTrainer, channels_last_backbone, stream_seed
+from ..inference import cpu_description
+from ..solver import build_optimizer
+from .models import build_benchmark_model, device_name, evaluation_path, random_image
+from .tables import cpu_line
+from .timing import Timing, image_batch, precision, take_turns
+
+__all__ = ["STEPS", "Ratio", "Run", "Side", "ab_benchmark", "ab_ratio", "ab_runs", "ab_table", "build_side",
+           "parse_overrides", "training_batch"]
+
+logger = logging.getLogger(__name__)
+
+STEPS = ("inference", "training")
+BOXES_PER_IMAGE = 5  # ground truth of each training image
+
+
+class Side(NamedTuple):
+    """One side of an A/B run: its overrides, config (frozen) and model (on the CPU, random weights)."""
+
+    label: str
+    overrides: List[str]
+    cfg: CfgNode
+    model: torch.nn.Module
+
+
+class Run(NamedTuple):
+    """One side's step, ready to be timed."""
+
+    call: Callable[[], object]  # runs the step once
+    path: str  # what runs: "fast, bfloat16", "plain", "training, float32", ...
+
+
+class Ratio(NamedTuple):
+    median_a: float  # seconds
+    median_b: float
+    b_over_a: float  # median_b / median_a: A's speed-up over B
+    per_turn_min: float  # the smallest b_k / a_k
+    per_turn_max: float
+
+
+@contextmanager
+def _naming_the_side(label: str, text: str):
+    """A KeyError or ValueError of the block (a bad override) as a ValueError that names the side first."""
+    try:
+        yield
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"--ab side {label} {text!r}: {e.args[0] if e.args else type(e).__name__}") from None
+
+
+def parse_overrides(label: str, text: str) -> List[str]:
+    """``"KEY VALUE KEY VALUE"`` (shell quoting allowed) as a list; a ValueError naming the side otherwise."""
+    with _naming_the_side(label, text):
+        items = shlex.split(text)
+        if len(items) % 2:
+            raise ValueError(f"give KEY VALUE pairs (an odd number of items: {len(items)})")
+    return items
+
+
+def build_side(config_file: Path, opts: Sequence[str], label: str, text: str, num_classes: Optional[int] = None,
+               seed: int = 0) -> Side:
+    """The config file with ``opts``, then the side's overrides ``text``; its model with weights drawn from ``seed``.
+
+    A bad override is a ValueError naming the side and the key.
+    """
+    overrides = parse_overrides(label, text)
+    torch.manual_seed(seed)
+    with _naming_the_side(label, text):
+        cfg, model = build_benchmark_model(config_file, [*opts, *overrides], num_classes)
+    return Side(label, overrides, cfg, model)
+
+
+def training_batch(image_size: Tuple[int, int], batch_size: int, num_classes: int, seed: int) -> List[Dict]:
+    """``batch_size`` random (3, H, W) images, each with :data:`BOXES_PER_IMAGE` random boxes and classes."""
+    height, width = image_size
+    generator = torch.Generator().manual_seed(seed)
+    batch = []
+    for index in range(batch_size):
+        corner = torch.rand((BOXES_PER_IMAGE, 2), generator=generator) * 0.5
+        size = 0.05 + torch.rand((BOXES_PER_IMAGE, 2), generator=generator) * 0.45
+        instances = Instances((height, width))
+        instances.gt_boxes = Boxes(torch.cat([corner, corner + size], 1) * torch.tensor([width, height] * 2))
+        instances.gt_classes = torch.randint(num_classes, (BOXES_PER_IMAGE,), generator=generator)
+        batch.append({"image": random_image(height, width, seed + index), "height": height, "width": width,
+                      "instances": instances})
+    return batch
+
+
+def _inference_run(side: Side, batched_inputs: List[Dict], device: torch.device) -> Run:
+    path = evaluation_path(side.cfg, side.model.to(device), device)
+    return Run(partial(path.module, batched_inputs), path.label)
+
+
+def _training_run(side: Side, batch: List[Dict], device: torch.device, seed: int) -> Run:
+    cfg = side.cfg
+    model = channels_last_backbone(side.model.to(device).train())
+    loader = itertools.repeat(batch)
+    optimizer = build_optimizer(cfg, model)
+    if cfg.SOLVER.AMP.ENABLED:
+        trainer = MixedPrecisionTrainer(model, loader, optimizer, precision=getattr(torch, cfg.SOLVER.AMP.PRECISION))
+        label = f"training, {cfg.SOLVER.AMP.PRECISION} autocast"
+    else:
+        trainer = SimpleTrainer(model, loader, optimizer)
+        label = "training, float32"
+    turns = itertools.count()
+
+    def run():
+        torch.manual_seed(stream_seed(seed, next(turns)))
+        trainer.run_step()
+
+    return Run(run, label)
+
+
+def ab_runs(sides: Sequence[Side], step: str, image_size: Tuple[int, int], batch_size: int, device: torch.device,
+            seed: int = 0) -> Dict[str, Run]:
+    """Each side's ``step``, by label; every side gets the same inputs."""
+    if step == "inference":
+        batched_inputs = image_batch(random_image(*image_size, seed).to(device), batch_size)
+        make = partial(_inference_run, batched_inputs=batched_inputs, device=device)
+    elif step == "training":
+        num_classes = min(side.cfg.MODEL.SPARSE_DETR.NUM_CLASSES for side in sides)
+        batch = [{**item, "image": item["image"].to(device), "instances": item["instances"].to(device)}
+                 for item in training_batch(image_size, batch_size, num_classes, seed)]
+        make = partial(_training_run, batch=batch, device=device, seed=seed)
+    else:
+        raise ValueError(f"the A/B step is one of {STEPS}, got {step!r}")
+    runs = {}
+    for side in sides:
+        with _naming_the_side(side.label, shlex.join(side.overrides)):  # values the config checks do not cover
+            runs[side.label] = make(side)
+    return runs
+
+
+def ab_ratio(seconds_a: Sequence[float], seconds_b: Sequence[float]) -> Ratio:
+    """The medians of A's and B's turns, B's over A's, and the range of the per-turn ratios b_k / a_k."""
+    if len(seconds_a) != len(seconds_b) or not seconds_a:
+        raise ValueError(f"A/B turns come in pairs: got {len(seconds_a)} of A and {len(seconds_b)} of B")
+    per_turn = [b / a for a, b in zip(seconds_a, seconds_b)]
+    median_a, median_b = statistics.median(seconds_a), statistics.median(seconds_b)
+    return Ratio(median_a, median_b, median_b / median_a, min(per_turn), max(per_turn))
+
+
+def ab_benchmark(config_file: Path, overrides: Tuple[str, str], opts: Sequence[str], timing: Timing, *,
+                 step: str = "inference", num_classes: Optional[int] = None,
+                 image_size: Tuple[int, int] = (850, 1040), batch_sizes: Sequence[int] = (1,), seed: int = 0) -> Dict:
+    """Time ``step`` of side A (``opts`` + ``overrides[0]``) against side B (``opts`` + ``overrides[1]``) at each
+    batch size, turns interleaved; the object ``--json`` prints (see the module docstring)."""
+    sides = [build_side(config_file, opts, label, text, num_classes, seed) for label, text in zip("AB", overrides)]
+    device = timing.device
+    result = {"config": config_file.name, "step": step, "image_size": list(image_size), "device": device.type,
+              "device_name": device_name(device.type, timing.clock), "threads": torch.get_num_threads(),
+              "cpu": cpu_description(), "dtype": timing.dtype, "warmup": timing.warmup, "turns": timing.repeats,
+              "sides": {side.label: {"overrides": side.overrides} for side in sides}, "rows": []}
+    for batch_size in batch_sizes:
+        runs = ab_runs(sides, step, image_size, batch_size, device, seed)
+        for label, run in runs.items():
+            result["sides"][label]["path"] = run.path
+        with ExitStack() as stack:
+            if step == "inference":
+                stack.enter_context(torch.no_grad())
+                stack.enter_context(precision(device, timing.dtype))
+            else:
+                stack.enter_context(EventStorage())
+            seconds = take_turns({label: run.call for label, run in runs.items()}, device, timing.warmup,
+                                 timing.repeats, desc=f"A/B {step}, batch {batch_size}", clock=timing.timer)
+        ratio = ab_ratio(seconds["A"], seconds["B"])
+        logger.info("A/B %s, batch %d: A %.1f ms, B %.1f ms (medians), B/A %.3f (per turn %.3f-%.3f)", step,
+                    batch_size, 1e3 * ratio.median_a, 1e3 * ratio.median_b, ratio.b_over_a, ratio.per_turn_min,
+                    ratio.per_turn_max)
+        result["rows"].append({"batch_size": batch_size, "seconds": seconds, **ratio._asdict()})
+    return result
+
+
+def ab_table(result: Dict) -> str:
+    """The A/B result as a heading, the two sides, a markdown table with a row per batch size, and the CPU."""
+    a, b = result["sides"]["A"], result["sides"]["B"]
+    lines = [f"A/B {result['step']} of {result['config']}, image {result['image_size'][0]}x{result['image_size'][1]}, "
+             f"{result['device_name']}: {result['turns']} turns of each, interleaved, after {result['warmup']} "
+             f"warm-up run{'' if result['warmup'] == 1 else 's'} of each.",
+             "",
+             f"* A: {' '.join(a['overrides']) or '(no overrides)'} ({a['path']})",
+             f"* B: {' '.join(b['overrides']) or '(no overrides)'} ({b['path']})",
+             "",
+             "| batch | A median (ms) | B median (ms) | B / A | B / A per turn (min–max) |",
+             "|---:|---:|---:|---:|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['batch_size']} | {1e3 * row['median_a']:.1f} | {1e3 * row['median_b']:.1f} "
+                     f"| {row['b_over_a']:.2f}x | {row['per_turn_min']:.2f}–{row['per_turn_max']:.2f}x |")
+    lines += ["", "B / A above 1: A is faster. " + cpu_line(result["cpu"])]
+    return "\n".join(lines)
