@@ -19,7 +19,7 @@ import os
 import site
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGE_DIR = "projects/SparseDETR/sparse_detr"
@@ -114,7 +114,7 @@ setup(
     description="Sparse DETR (ICLR'22) as a Detectron2 plugin",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["sparse_detr", "sparse_detr.configs", "sparse_detr.data", "sparse_detr.layers"],
+    packages=["sparse_detr", "sparse_detr.configs"] + [f"sparse_detr.{name}" for name in find_packages(PACKAGE_DIR)],
     package_dir={"sparse_detr": PACKAGE_DIR, "sparse_detr.configs": CONFIG_DIR},
     package_data={"sparse_detr.configs": ["*.yaml"]},
     install_requires=["torch", "torchvision", "fvcore", "pycocotools", "scipy", "matplotlib"],

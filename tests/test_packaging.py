@@ -68,6 +68,7 @@ def installed_python(tmp_path_factory) -> Path:
 
 USE_THE_INSTALLED_PACKAGE = r"""
 import json
+from pathlib import Path
 import torch
 import sparse_detr
 from detectron2.config import get_cfg
@@ -99,7 +100,9 @@ print(json.dumps({
     "difference": (compiled - reference).abs().max().item(), "config": config,
     "resolved": str(resolve_config_file("demo.yaml")), "rho": cfg.MODEL.SPARSE_DETR.RHO,
     "meta_architecture": cfg.MODEL.META_ARCHITECTURE, "stride_in_1x1": cfg.MODEL.RESNETS.STRIDE_IN_1X1,
-    "unknown": unknown}))
+    "unknown": unknown,
+    "modules": sorted(str(p.relative_to(Path(sparse_detr.__file__).parent)) for p in
+                      Path(sparse_detr.__file__).parent.rglob("*.py"))}))
 """
 
 
@@ -110,6 +113,9 @@ def test_the_wheel_installs_the_package_its_kernels_and_its_configs(installed_py
     site_packages = installed_python.parent.parent / "lib"
     package = Path(found["package"]).parent
     assert package.is_relative_to(site_packages), "the installed copy, not the repository's package"
+    source = REPO_ROOT / "projects" / "SparseDETR" / "sparse_detr"
+    assert found["modules"] == sorted(str(p.relative_to(source)) for p in source.rglob("*.py")), \
+        "every module and subpackage of the package is in the wheel"
     assert Path(found["kernels"]).parent == package
     assert found["shape"] == [2, 5, 8] and found["difference"] < 1e-10, "the compiled kernel's float64 result"
     assert found["config"] == str(package / "configs" / "sparse_detr_r50_rho0.1.yaml")
