@@ -13,10 +13,13 @@ import time
 
 import pytest
 import torch
+from detectron2.engine import default_argument_parser
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 
+import sparse_detr.launch
 from conftest import build_config
-from sparse_detr.launch import CPU_TIMEOUT, collective_timeout
+from sparse_detr.launch import CPU_TIMEOUT, collective_timeout, launch_training
+from sparse_detr.output_dir import LOCK_NAME, OutputDirLock
 from test_training import DEMO_CONFIG, TINY, TRAIN_NET, shapes_env  # noqa: F401 (a fixture)
 
 
@@ -29,6 +32,22 @@ def test_collective_timeout_is_short_on_cpus_and_can_be_set():
     cfg.DIST_TIMEOUT = -1
     with pytest.raises(ValueError, match="DIST_TIMEOUT is in seconds, 0 for the default, got -1"):
         collective_timeout(cfg)
+
+
+def test_a_training_holds_the_lock_while_it_runs_and_eval_only_takes_none(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    launched = []  # whether the lock file was there when the processes would have started
+
+    def launch(main, num_gpus, **kwargs):
+        launched.append((out / LOCK_NAME).exists())
+
+    monkeypatch.setattr(sparse_detr.launch, "launch", launch)
+    train = ["--config-file", DEMO_CONFIG, "OUTPUT_DIR", str(out)]
+    launch_training(print, default_argument_parser().parse_args(train))
+    assert launched == [True] and not (out / LOCK_NAME).exists(), "held while it runs, released after"
+    with OutputDirLock(str(out)):  # a training runs: an evaluation into its OUTPUT_DIR is not refused
+        launch_training(print, default_argument_parser().parse_args(["--eval-only", *train]))
+    assert len(launched) == 2
 
 
 def _stat_fields(pid: int):
