@@ -5,8 +5,10 @@ shrinks the transformer to hidden 32, 2 heads, 2 encoder and 2 decoder layers, F
 5 classes, without dropout. The backbone stays the config's (ResNet-50 or Swin-T): its parameter layout
 is what the checkpoint tests need, and on 20x30 images it costs little.
 """
+import errno
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,22 @@ def logging_as_before():
             if handler not in before.get(logger, ()):
                 logger.removeHandler(handler)
     setup_logger.cache_clear()
+
+
+class FullDisk:
+    """A file that takes ``room`` bytes, then refuses writes as a full disk does (for ``torch.save``)."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def flush(self):
+        self.file.flush()
 
 
 def load_script(path, name: str):

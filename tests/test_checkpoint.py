@@ -4,6 +4,7 @@ The authors' detector layout comes from the conformance fixture (its key list, s
 weights drawn by tests/official_weights.py); the backbone files are built here from torchvision's
 ResNet-50 and Detectron2's Swin-T under the names their official releases use.
 """
+import errno
 import os
 import re
 import subprocess
@@ -15,8 +16,9 @@ import torchvision
 from detectron2.modeling import build_model
 
 import official_weights
-from conftest import CONFORMANCE_FIXTURE, REPO_ROOT, build_config, load_script
-from sparse_detr.checkpoint import SparseDETRCheckpointer, convert_checkpoint, convert_state_dict
+from conftest import CONFORMANCE_FIXTURE, REPO_ROOT, FullDisk, build_config, load_script
+from sparse_detr.checkpoint import (SparseDETRCheckpointer, convert_checkpoint, convert_state_dict,
+                                    save_checkpoint_atomically)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -377,3 +379,14 @@ def test_last_checkpoint_is_replaced_atomically(tmp_path, tiny_model, monkeypatc
         checkpointer.tag_last_checkpoint("model_0000009.pth")
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000004.pth"
     assert [p.name for p in tmp_path.iterdir()] == ["last_checkpoint"]
+
+
+def test_a_full_disk_is_an_oserror_naming_the_checkpoint_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, FullDisk(f, 1000)))
+    path = tmp_path / "model_0000009.pth"
+    with pytest.raises(OSError) as info:  # torch.save itself raises RuntimeError "unexpected pos"
+        save_checkpoint_atomically({"model": {"w": torch.zeros(5000)}}, str(path))
+    assert (info.value.errno, info.value.strerror, info.value.filename) == (
+        errno.ENOSPC, "No space left on device", str(path))
+    assert list(tmp_path.iterdir()) == []

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import CONFIG_DIR, REPO_ROOT
-from sparse_detr.cli import load_config
+from sparse_detr.cli import key_origins, load_config
+from sparse_detr.solver import SCHEDULE_KEYS, KeyOrigin
 
 PROJECT = REPO_ROOT / "projects" / "SparseDETR"
 sys.path.insert(0, str(PROJECT))
@@ -93,6 +94,17 @@ def test_a_bare_config_name_is_found_among_the_projects_configs(tmp_path, monkey
         load_config("nothing.yaml")
     with pytest.raises(FileNotFoundError, match="config file 'sub/demo.yaml' does not exist"):
         load_config("sub/demo.yaml")  # a path is taken as given
+
+
+def test_key_origins_follow_the_merge_order_of_the_files_and_the_command_line(tmp_path):
+    (tmp_path / "base.yaml").write_text(f'_BASE_: "{DEMO_CONFIG}"\nSOLVER:\n  MAX_ITER: 100\n  STEPS: (50,)\n')
+    (tmp_path / "mine.yaml").write_text('_BASE_: "base.yaml"\nSOLVER:\n  EPOCHS: 3\n')
+    origins = key_origins(str(tmp_path / "mine.yaml"), ["SOLVER.STEPS", "(9,)", "SOLVER.MAX_ITER", "12"],
+                          SCHEDULE_KEYS + ("SOLVER.GAMMA",))
+    # merged: Base-SparseDETR.yaml (1), demo.yaml (2), base.yaml (3), mine.yaml (4), then the command line
+    assert origins == {"SOLVER.LR_DROP_EPOCHS": KeyOrigin(2, "demo.yaml"), "SOLVER.EPOCHS": KeyOrigin(4, "mine.yaml"),
+                       "SOLVER.STEPS": KeyOrigin(5, "the command line"),
+                       "SOLVER.MAX_ITER": KeyOrigin(6, "the command line"), "SOLVER.GAMMA": KeyOrigin(0, "the defaults")}
 
 
 def test_broken_yaml_names_the_file_and_the_line(tmp_path):

@@ -1,6 +1,8 @@
 """The training pipeline: augmentation, optimizer, train_net.py (train, eval, resume, two processes), errors."""
 import json
+import logging
 import os
+import socket
 import subprocess
 import sys
 
@@ -14,8 +16,9 @@ from detectron2.modeling import build_model
 
 import sparse_detr
 from sparse_detr.dataset_mapper import DetrDatasetMapper
-from sparse_detr.engine import ResumableTrainLoader, channels_last_backbone
-from sparse_detr.solver import apply_epoch_schedule, build_optimizer
+from sparse_detr.engine import ResumableTrainLoader, channels_last_backbone, gradients_in_parameter_strides
+from sparse_detr.output_dir import LOCK_NAME, OutputDirLock
+from sparse_detr.solver import KeyOrigin, build_optimizer, settle_schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT = os.path.join(ROOT, "projects", "SparseDETR")
@@ -142,10 +145,36 @@ def test_optimizer_groups_learning_rates_and_total_norm_clipping():
     assert total == pytest.approx(0.1, rel=1e-4), "the norm of all gradients together is clipped to 0.1"
 
 
-def test_epoch_schedule():
-    cfg = demo_cfg("SOLVER.EPOCHS", "5", "SOLVER.LR_DROP_EPOCHS", "[4]", "SOLVER.IMS_PER_BATCH", "8")
-    apply_epoch_schedule(cfg, dataset_size=100)
+def schedule_origins(epochs, lr_drop_epochs, max_iter, steps):
+    """Where the four schedule keys were set: the merge order of each (file i is "f<i>.yaml")."""
+    orders = {"EPOCHS": epochs, "LR_DROP_EPOCHS": lr_drop_epochs, "MAX_ITER": max_iter, "STEPS": steps}
+    return {f"SOLVER.{key}": KeyOrigin(order, f"f{order}.yaml") for key, order in orders.items()}
+
+
+def test_the_schedule_key_set_last_decides(caplog):
+    epochs = ["SOLVER.EPOCHS", "5", "SOLVER.LR_DROP_EPOCHS", "[4]", "SOLVER.IMS_PER_BATCH", "8"]
+    cfg = demo_cfg(*epochs, "SOLVER.MAX_ITER", "20", "SOLVER.STEPS", "(10, 30)")
+    with caplog.at_level(logging.INFO, logger="sparse_detr.solver"):
+        settle_schedule(cfg, schedule_origins(2, 2, 1, 1), dataset_size=100)  # the epochs set last
     assert cfg.SOLVER.MAX_ITER == 5 * 13 and cfg.SOLVER.STEPS == (4 * 13,)
+    assert caplog.messages[-1] == ("schedule: MAX_ITER 65 from SOLVER.EPOCHS 5 (f2.yaml): 100 images, 13 iterations "
+                                   "an epoch; STEPS (52,) from SOLVER.LR_DROP_EPOCHS [4] (f2.yaml)")
+    cfg = demo_cfg(*epochs, "SOLVER.MAX_ITER", "20", "SOLVER.STEPS", "(10, 30)")
+    with caplog.at_level(logging.INFO, logger="sparse_detr.solver"):
+        settle_schedule(cfg, schedule_origins(2, 2, 3, 1), dataset_size=100)  # MAX_ITER set last: 20 iterations
+    assert cfg.SOLVER.MAX_ITER == 20 and cfg.SOLVER.STEPS == ()
+    assert caplog.messages[-1] == ("schedule: MAX_ITER 20 from SOLVER.MAX_ITER (f3.yaml), set after SOLVER.EPOCHS 5 "
+                                   "(f2.yaml), which gives 65; STEPS () from SOLVER.LR_DROP_EPOCHS [4] (f2.yaml), "
+                                   "(52,) dropped: not before MAX_ITER 20")
+    cfg = demo_cfg(*epochs, "SOLVER.MAX_ITER", "20", "SOLVER.STEPS", "(10, 30)")
+    settle_schedule(cfg, schedule_origins(2, 1, 2, 2), dataset_size=100)  # one file sets both: its epochs
+    assert cfg.SOLVER.MAX_ITER == 65 and cfg.SOLVER.STEPS == (10, 30), "STEPS set after LR_DROP_EPOCHS"
+    cfg = demo_cfg("SOLVER.MAX_ITER", "20", "SOLVER.STEPS", "(10, 30)", "SOLVER.LR_DROP_EPOCHS", "[4]")
+    with caplog.at_level(logging.INFO, logger="sparse_detr.solver"):
+        settle_schedule(cfg, schedule_origins(3, 3, 1, 1))  # no epoch schedule (EPOCHS 0): iterations as given
+    assert cfg.SOLVER.MAX_ITER == 20 and cfg.SOLVER.STEPS == (10,)
+    assert caplog.messages[-1] == ("schedule: MAX_ITER 20 from SOLVER.MAX_ITER (f1.yaml); STEPS (10,) from "
+                                   "SOLVER.STEPS (f1.yaml), (30,) dropped: not before MAX_ITER 20")
 
 
 def test_bfloat16_autocast_training_step_is_finite():
@@ -186,6 +215,42 @@ def test_channels_last_backbone_trains_like_the_contiguous_one(make_batch):
     for (name, a), b in zip(contiguous.named_parameters(), fast.parameters()):
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+class GradientIn(torch.autograd.Function):
+    """The identity, whose backward hands on the gradient in the given layout."""
+
+    @staticmethod
+    def forward(ctx, x, memory_format):
+        ctx.memory_format = memory_format
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clone(memory_format=ctx.memory_format), None
+
+
+def test_gradients_come_in_the_parameters_strides():
+    """A channels-last gradient of a (C, 1, 1, 1)-shaped parameter gets the parameter's strides, with its values;
+    one whose layout really differs (3x3) is left to autograd, which lays it out like the parameter."""
+    model = torch.nn.Module()
+    model.kernel1x1 = torch.nn.Parameter(torch.randn(8, 4, 1, 1))
+    model.kernel3x3 = torch.nn.Parameter(torch.randn(8, 4, 3, 3))
+    model.bias = torch.nn.Parameter(torch.randn(8))
+    upstream = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+
+    def backward():
+        model.zero_grad(set_to_none=True)
+        sum((GradientIn.apply(p, torch.channels_last if p.dim() == 4 else torch.contiguous_format) * upstream[n]).sum()
+            for n, p in model.named_parameters()).backward()
+
+    backward()
+    assert model.kernel1x1.grad.stride() == (4, 1, 4, 4) != model.kernel1x1.stride(), "what DDP warns about"
+    gradients_in_parameter_strides(model)
+    backward()
+    for name, p in model.named_parameters():
+        assert p.grad.stride() == p.stride(), name
+        torch.testing.assert_close(p.grad, upstream[name], rtol=0, atol=0)
 
 
 def test_trainer_builds_channels_last_models_on_the_cpu():
@@ -229,7 +294,11 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(shapes_env, tmp_pa
     os.remove(os.path.join(resumed, "model_final.pth"))
     with open(os.path.join(resumed, "last_checkpoint"), "w") as f:
         f.write("model_0000002.pth")
-    run_train_net(shapes_env, "--resume", *common, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", resumed)
+    result = run_train_net(shapes_env, "--resume", *common, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", resumed)
+    # the first part's 3 iterations dropped the step at 4 (beyond its end): both differ from the config.yaml it wrote
+    assert (f"--resume with another schedule or data order than the run that wrote {resumed}/config.yaml: "
+            f"SOLVER.MAX_ITER 3 -> 6, SOLVER.STEPS [] -> [4]; the run goes on from its checkpoint with the new "
+            f"values, unlike an uninterrupted run") in result.stdout
     a = torch.load(os.path.join(straight, "model_final.pth"), weights_only=False)
     b = torch.load(os.path.join(resumed, "model_final.pth"), weights_only=False)
     assert a["iteration"] == b["iteration"] == 5
@@ -238,11 +307,12 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(shapes_env, tmp_pa
 
 
 TWO_PROCESS_SCRIPT = r"""
-import os, sys, torch
+import os, sys
 sys.path.insert(0, {project!r})
+import train_net
+import torch
 from detectron2.engine import launch
 from detectron2.utils import comm
-import train_net
 
 def main(args, out):
     cfg = train_net.setup(args)
@@ -259,19 +329,94 @@ if __name__ == "__main__":
 """
 
 
-def test_two_processes_train_identical_weights(shapes_env, tmp_path):
+def test_two_processes_train_identical_weights_without_ddp_warnings(shapes_env, tmp_path):
+    """Also: DDP warns neither of a search for unused parameters that finds none, nor of gradient strides that
+    differ from its buckets' (which the channels-last backbone's maps caused, with two threads a process), nor
+    of a deprecated option; the log names the threads of each process."""
     script = tmp_path / "two_process.py"
     script.write_text(TWO_PROCESS_SCRIPT.format(project=PROJECT))
-    out = str(tmp_path / "ddp")
+    out = tmp_path / "ddp"
     result = subprocess.run([sys.executable, str(script), str(tmp_path), "--config-file", DEMO_CONFIG, *TINY,
-                             "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "4", "OUTPUT_DIR", out],
-                            env=shapes_env, capture_output=True, text=True, timeout=600)
+                             "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "4", "OUTPUT_DIR", str(out)],
+                            env=dict(shapes_env, OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Warning" not in result.stderr, result.stderr[-3000:]
+    assert ("2 torch thread(s) in each of the 2 processes on this machine (OMP_NUM_THREADS=2)"
+            in (out / "log.txt").read_text())
     rank0, rank1 = torch.load(tmp_path / "rank0.pth"), torch.load(tmp_path / "rank1.pth")
     initial = torch.load(tmp_path / "rank0_initial.pth")
     for key, value in rank0.items():
         assert torch.equal(value, rank1[key]), key
     assert sum(not torch.equal(v, initial[k]) for k, v in rank0.items()) > len(rank0) // 2, "training changed weights"
+
+
+def test_max_iter_of_a_config_wins_over_the_epochs_of_its_base(shapes_env, tmp_path):
+    """The value set last decides: a user's yaml with ``_BASE_: demo.yaml`` and its own MAX_ITER trains that many
+    iterations, not the 6 epochs of demo.yaml (36 here)."""
+    config = tmp_path / "my.yaml"
+    config.write_text(f'_BASE_: "{DEMO_CONFIG}"\nSOLVER:\n  MAX_ITER: 3\n')
+    out = tmp_path / "run"
+    opts = [item for key, value in zip(TINY[0::2], TINY[1::2]) if key != "SOLVER.EPOCHS" for item in (key, value)]
+    result = subprocess.run([sys.executable, TRAIN_NET, "--config-file", str(config), *opts, "OUTPUT_DIR", str(out)],
+                            env=shapes_env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads(line) for line in open(out / "metrics.json")]
+    assert [r["iteration"] for r in records if "total_loss" in r][-1] == 2
+    assert ("schedule: MAX_ITER 3 from SOLVER.MAX_ITER (my.yaml), set after SOLVER.EPOCHS 6 (demo.yaml), which "
+            "gives 36; STEPS () from SOLVER.LR_DROP_EPOCHS [5] (demo.yaml), (30,) dropped: not before MAX_ITER 3"
+            in (out / "log.txt").read_text())
+    assert not (out / LOCK_NAME).exists(), "the lock goes with the training"
+
+
+def test_a_second_training_into_an_output_dir_is_refused_with_one_line(shapes_env, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with OutputDirLock(str(out)):  # held by this process, as a training would hold it
+        holder = json.loads((out / LOCK_NAME).read_text())
+        result = run_train_net(shapes_env, *TINY, "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(out), expect_ok=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: OUTPUT_DIR {out} is in use by another training (pid {os.getpid()} on {socket.gethostname()}, "
+        f"started {holder['started']}, command: {holder['command']}; lock file {out / LOCK_NAME}): give this one "
+        f"another OUTPUT_DIR, or end that one first"]
+    assert [p.name for p in out.iterdir()] == [], "refused before writing anything"
+
+
+FULL_DISK_SCRIPT = r"""
+import sys
+sys.path[:0] = [{project!r}, {tests!r}]
+import train_net
+import torch
+from conftest import FullDisk
+
+real_save, saves = torch.save, []
+
+
+def save(obj, f, *args, **kwargs):  # the second checkpoint meets a full disk after 1000 bytes
+    saves.append(f)
+    return real_save(obj, FullDisk(f, 1000) if len(saves) == 2 else f, *args, **kwargs)
+
+
+torch.save = save
+train_net.invoke_main()
+"""
+
+
+def test_a_full_disk_ends_training_with_one_line_naming_the_last_good_checkpoint(shapes_env, tmp_path):
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK_SCRIPT.format(project=PROJECT, tests=os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(script), "--config-file", DEMO_CONFIG, *TINY, "SOLVER.MAX_ITER", "6",
+                             "SOLVER.CHECKPOINT_PERIOD", "2", "OUTPUT_DIR", str(out)], env=shapes_env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: could not write {out}/model_0000003.pth: No space left on device; the last good checkpoint is "
+        f"{out}/model_0000001.pth (--resume continues from it)"]
+    assert "Traceback" not in result.stdout, "nor a traceback in the log"
+    assert (out / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert torch.load(out / "model_0000001.pth", weights_only=False)["iteration"] == 1
+    assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000001.pth"] and not list(out.glob(".tmp-*"))
 
 
 # ---- errors -----------------------------------------------------------------------------------------
@@ -372,8 +517,10 @@ def test_max_iter_on_the_command_line_wins_over_epochs_and_the_schedule_is_logge
     records = [json.loads(line) for line in open(out / "metrics.json")]
     assert [r["iteration"] for r in records if "total_loss" in r][-1] == 1
     log = (out / "log.txt").read_text()
-    assert "SOLVER.EPOCHS 6 of 4 images, 2 iterations an epoch: MAX_ITER 2 (from the command line; the epochs " \
-           "give 12), STEPS (10,)" in log
+    assert ("schedule: MAX_ITER 2 from SOLVER.MAX_ITER (the command line), set after SOLVER.EPOCHS 6 (demo.yaml), "
+            "which gives 12; STEPS () from SOLVER.LR_DROP_EPOCHS [5] (demo.yaml), (10,) dropped: not before "
+            "MAX_ITER 2") in log
+    assert "SOLVER.STEPS contains values larger than SOLVER.MAX_ITER" not in log
 
 
 def test_unreadable_images_are_skipped_and_counted_in_training_and_evaluation(own_dataset_run):

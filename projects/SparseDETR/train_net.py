@@ -5,6 +5,7 @@
     python projects/SparseDETR/train_net.py --config-file ... --eval-only MODEL.WEIGHTS model.pth
     python projects/SparseDETR/train_net.py --config-file ... --resume
 """
+import functools
 import logging
 import os
 import weakref
@@ -20,15 +21,18 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from sparse_detr.checkpoint import SparseDETRCheckpointer
-from sparse_detr.cli import (USER_ERRORS, check_weights_file, launch_reporting_user_errors, load_config,
-                             make_output_dir, report_user_error)
+from sparse_detr.cli import (USER_ERRORS, check_weights_file, key_origins, load_config, make_output_dir,
+                             report_user_error)
 from sparse_detr.dataset_mapper import DetrDatasetMapper
 from sparse_detr.datasets import build_test_loader, check_dataset_files, check_num_classes, load_train_dicts
-from sparse_detr.engine import (MixedPrecisionTrainer, ResumableTrainLoader, StepSeedHook, UnreadableImagesReport,
-                                channels_last_backbone)
+from sparse_detr.engine import (DDP_BUFFERS_NOT_SYNCED, MixedPrecisionTrainer, ResumableTrainLoader, StepSeedHook,
+                                UnreadableImagesReport, channels_last_backbone, exits_in_one_line,
+                                gradients_in_parameter_strides, stops_in_one_line)
 from sparse_detr.evaluation import DAMRecallEvaluator
 from sparse_detr.inference import build_inference_model
-from sparse_detr.solver import apply_epoch_schedule, build_optimizer
+from sparse_detr.launch import launch_training, share_cpu_threads
+from sparse_detr.output_dir import warn_of_changed_schedule
+from sparse_detr.solver import SCHEDULE_KEYS, build_optimizer, settle_schedule
 
 logger = logging.getLogger("sparse_detr")
 
@@ -37,14 +41,19 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer with the DETR recipe: its optimizer, augmentation, a resumable loader, COCOEvaluator."""
 
     def __init__(self, cfg):
-        # DefaultTrainer's construction, with DDP that also runs on CPU (gloo), unused-parameter detection,
-        # mixed precision in float16 or bfloat16 on any device, and atomic checkpoints.
+        # DefaultTrainer's construction, with DDP that also runs on CPU (gloo), mixed precision in float16 or
+        # bfloat16 on any device, and atomic checkpoints. DDP's static graph: no configuration of the project
+        # has parameters without gradients (checked for all of them, also on images without boxes), so DDP
+        # needs no search for them every step; where a configuration of one's own has some, DDP finds them in
+        # the first step. Gradients come in the strides of DDP's buckets.
         TrainerBase.__init__(self)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         on_gpu = next(model.parameters()).is_cuda
-        model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=True,
+        if comm.get_world_size() > 1:
+            gradients_in_parameter_strides(model)
+        model = create_ddp_model(model, static_graph=True, **DDP_BUFFERS_NOT_SYNCED,
                                  **({} if on_gpu else {"device_ids": None}))
         if cfg.SOLVER.AMP.ENABLED:
             self._trainer = MixedPrecisionTrainer(model, data_loader, optimizer,
@@ -62,6 +71,15 @@ class Trainer(DefaultTrainer):
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
         self._trainer.data_loader.start_iter = self.start_iter
+
+    # a full disk or a lost process ends the run with one line (sparse_detr.engine.stop_message)
+    def run_step(self):
+        with stops_in_one_line(self.cfg.OUTPUT_DIR):
+            super().run_step()
+
+    def after_step(self):
+        with stops_in_one_line(self.cfg.OUTPUT_DIR):
+            super().after_step()
 
     def build_hooks(self):
         return [StepSeedHook(self.cfg.SEED, comm.get_rank()),
@@ -114,39 +132,47 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    """The checked config (sparse_detr.cli.load_config) -> the epoch schedule -> freeze -> default_setup."""
+    """The checked config (sparse_detr.cli.load_config) -> the schedule -> freeze -> default_setup."""
     cfg = load_config(args.config_file, args.opts, world_size=comm.get_world_size())
     check_weights_file(cfg.MODEL.WEIGHTS)
     make_output_dir(cfg.OUTPUT_DIR)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="sparse_detr")
+    share_cpu_threads()
     for name in (() if args.eval_only else tuple(cfg.DATASETS.TRAIN)) + tuple(cfg.DATASETS.TEST):
         check_dataset_files(name)  # now, rather than at the evaluation after a whole training run
-    if cfg.SOLVER.EPOCHS > 0 and not args.eval_only:
-        apply_epoch_schedule(cfg, sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN),
-                             command_line_keys=args.opts[0::2])
+    if not args.eval_only:
+        # only an epoch schedule needs the training set's size (loading a large one takes a while)
+        size = sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN) if cfg.SOLVER.EPOCHS > 0 else 0
+        settle_schedule(cfg, key_origins(args.config_file, args.opts, SCHEDULE_KEYS), size)
+    if args.resume and not args.eval_only and comm.is_main_process():
+        warn_of_changed_schedule(cfg)  # before default_setup writes this run's config.yaml over the last one's
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
 
 
 def main(args):
-    # configuration and data errors (unknown key, missing file, wrong class count) end with one clear line
+    # configuration and data errors (unknown key, missing file, wrong class count) end with one clear line,
+    # and so do a full disk and a lost process (sparse_detr.engine.stop_message)
     try:
         cfg = setup(args)
         if args.eval_only:
             model = Trainer.build_model(cfg)
             checkpointer = SparseDETRCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
             checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-            return Trainer.test(cfg, model)
-        trainer = Trainer(cfg)
-        trainer.resume_or_load(resume=args.resume)
+            run = functools.partial(Trainer.test, cfg, model)
+        else:
+            trainer = Trainer(cfg)
+            trainer.resume_or_load(resume=args.resume)
+            run = trainer.train
     except USER_ERRORS as e:
         raise SystemExit(report_user_error(e))
-    return trainer.train()
+    with exits_in_one_line(cfg.OUTPUT_DIR):
+        return run()
 
 
 def invoke_main() -> None:
-    launch_reporting_user_errors(main, default_argument_parser().parse_args())
+    launch_training(main, default_argument_parser().parse_args())
 
 
 if __name__ == "__main__":

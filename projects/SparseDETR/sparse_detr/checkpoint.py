@@ -128,7 +128,10 @@ def convert_state_dict(checkpoint: Dict, contiguous_classes: bool = False) -> Di
 
 def write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """``write(file)`` into a temporary file of the same folder, then rename: a crash never leaves a half-written
-    ``path``. The file is created like any other (mode 0666 less the umask), not 0600 like mkstemp's."""
+    ``path``. The file is created like any other (mode 0666 less the umask), not 0600 like mkstemp's.
+
+    A write the file system refuses is an OSError naming ``path`` (torch.save reports a full disk as a
+    RuntimeError "unexpected pos", with the OSError only in its context)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f"{TEMPORARY_PREFIX}{secrets.token_hex(6)}-{os.path.basename(path)}")
@@ -137,9 +140,18 @@ def write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
-        raise
+        refused = next((c for c in _exception_chain(e) if isinstance(c, OSError) and c.errno), None)
+        if refused is None:
+            raise
+        raise OSError(refused.errno, refused.strerror, path) from e
+
+
+def _exception_chain(error: BaseException):
+    while error is not None:
+        yield error
+        error = error.__context__
 
 
 def save_checkpoint_atomically(obj, path: str) -> None:

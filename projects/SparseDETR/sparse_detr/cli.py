@@ -4,7 +4,7 @@ Every tool (``train_net.py``, ``demo.py``, ``benchmark.py``, the converter) load
 :func:`load_config` and ends a user error (a missing or broken file, an unknown key, a value out of range)
 with one line on stderr, ``error: <what is wrong and where>``, and exit status 2, instead of a traceback:
 ``main(argv) -> int`` functions take the :func:`reports_user_errors` decorator; ``train_net.py``'s ``main(args)``
-exits with :func:`report_user_error`'s status and is started by :func:`launch_reporting_user_errors`.
+exits with :func:`report_user_error`'s status (and is started by :func:`sparse_detr.launch.launch_training`).
 """
 import ast
 import functools
@@ -12,22 +12,20 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Dict, Sequence
 
 import yaml
-from torch.multiprocessing import ProcessExitedException
 
 from detectron2.config import CfgNode, get_cfg
-from detectron2.engine import launch
 from detectron2.utils.file_io import PathManager
 
 from .config import add_sparse_detr_config
 from .config_files import CONFIG_DIR
 from .datasets import register_coco_json_datasets
+from .solver import KeyOrigin
 
-__all__ = ["CONFIG_DIR", "USER_ERRORS", "ProjectConfig", "check_config", "check_weights_file",
-           "launch_reporting_user_errors", "load_config", "make_output_dir", "report_user_error", "reports_user_errors",
-           "resolve_config_file"]
+__all__ = ["CONFIG_DIR", "USER_ERRORS", "ProjectConfig", "check_config", "check_weights_file", "key_origins",
+           "load_config", "make_output_dir", "report_user_error", "reports_user_errors", "resolve_config_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,26 +62,6 @@ def reports_user_errors(main):
             return report_user_error(e)
 
     return wrapper
-
-
-def launch_reporting_user_errors(main, args) -> None:
-    """Detectron2's ``launch(main, ...)`` of a tool parsed by ``default_argument_parser``, which checks the config
-    first (:func:`load_config` for the world size of ``--num-gpus`` x ``--num-machines``): its errors end the tool
-    before any process starts. ``main`` raises ``SystemExit(2)`` after its own error line; when one of several
-    processes does, the launch ends with status 2 too, without the multiprocessing traceback."""
-    try:
-        load_config(args.config_file, args.opts, world_size=args.num_gpus * args.num_machines)
-    except USER_ERRORS as e:
-        raise SystemExit(report_user_error(e))
-    try:
-        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,))
-    except ProcessExitedException as e:
-        if e.exit_code != 2:
-            raise
-        # the process has printed its error line; torch's notes on stopping the others may have followed it
-        print(f"error: process {e.error_index} stopped on the user error above", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 class ProjectConfig(CfgNode):
@@ -189,6 +167,39 @@ def load_config(config_file: str, opts: Sequence[str] = (), *, world_size: int =
     check_config(cfg, world_size)
     register_coco_json_datasets(cfg.DATASETS.COCO_JSON)
     return cfg
+
+
+def key_origins(config_file: str, opts: Sequence[str], keys: Collection[str]) -> Dict[str, KeyOrigin]:
+    """Where each of ``keys`` (full names: ``"SOLVER.MAX_ITER"``) got its value in :func:`load_config` of the same
+    ``config_file`` and ``opts``: the defaults, the config file or one of its ``_BASE_`` files, or the command
+    line (see :class:`sparse_detr.solver.KeyOrigin`)."""
+    files = []
+
+    class Recording(ProjectConfig):  # Detectron2's merge, noting each file after its _BASE_ files
+        @classmethod
+        def load_yaml_with_base(cls, filename, allow_unsafe=False):
+            merged = super().load_yaml_with_base(filename, allow_unsafe)
+            with cls._open_cfg(filename) as f:
+                files.append((os.path.basename(filename), yaml.safe_load(f)))
+            return merged
+
+    Recording.load_yaml_with_base(str(resolve_config_file(config_file)))
+    origins = {key: KeyOrigin(0, "the defaults") for key in keys}
+    for order, (name, loaded) in enumerate(files, 1):
+        for key in keys:
+            if _sets(loaded, key):
+                origins[key] = KeyOrigin(order, name)
+    for order, key in enumerate(opts[0::2], len(files) + 1):
+        if key in origins:
+            origins[key] = KeyOrigin(order, "the command line")
+    return origins
+
+
+def _sets(loaded: dict, full_key: str) -> bool:
+    *parents, leaf = full_key.split(".")
+    for part in parents:
+        loaded = loaded.get(part) if isinstance(loaded, dict) else None
+    return isinstance(loaded, dict) and leaf in loaded
 
 
 def check_config(cfg: CfgNode, world_size: int = 1) -> None:

@@ -134,3 +134,9 @@ def add_sparse_detr_config(cfg):
     cfg.DATASETS.COCO_JSON = []
     # The crop branch of the DETR augmentation first resizes the shorter side to one of these.
     cfg.INPUT.CROP_PRE_RESIZE = [400, 500, 600]
+
+    # Seconds a process of a distributed run waits for the others at a collective (and at the start for
+    # all of them to join) before it stops the run with one line. 0: 300 on CPUs (gloo), Detectron2's 1800
+    # with GPUs (NCCL). It must cover the longest a process works alone: a checkpoint save, the COCO
+    # evaluation of the main process.
+    cfg.DIST_TIMEOUT = 0

@@ -8,25 +8,45 @@
 * :class:`MixedPrecisionTrainer`: ``torch.autocast`` on the model's device (CPU or CUDA) in float16, with a
   gradient scaler, or bfloat16.
 * :func:`channels_last_backbone`: the backbone's convolutions channels-last on the CPU (oneDNN's fast layout).
+* :func:`gradients_in_parameter_strides`: gradients in the exact strides of DDP's buckets.
+* :func:`stop_message`, :class:`TrainingStopped`, :func:`stops_in_one_line`, :func:`exits_in_one_line`: a full
+  disk or a lost process ends a run with one line, not a traceback.
 """
 import collections
+import contextlib
+import errno
+import functools
+import inspect
 import itertools
 import logging
 import random
+import re
 import time
 from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from detectron2.engine import HookBase, SimpleTrainer
+from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from .output_dir import last_good_checkpoint
+
 __all__ = ["ResumableTrainLoader", "StepSeedHook", "MixedPrecisionTrainer", "UnreadableImagesReport", "stream_seed",
-           "channels_last_backbone"]
+           "channels_last_backbone", "DDP_BUFFERS_NOT_SYNCED", "gradients_in_parameter_strides", "TrainingStopped",
+           "stop_message", "stops_in_one_line", "exits_in_one_line"]
 
 logger = logging.getLogger(__name__)
+
+# DDP's option that leaves the buffers (normalisation constants, frozen batch-norm statistics: the same in every
+# process) alone in forward; torch 2.14 renames broadcast_buffers, and warns about the old name, to
+# forward_sync_buffers.
+DDP_BUFFERS_NOT_SYNCED = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
 
 # key of a mapped dataset dict that lists the images skipped before it (taken out before the model sees it)
 SKIPPED_KEY = "_unreadable_images_skipped"
@@ -48,6 +68,30 @@ def channels_last_backbone(model: torch.nn.Module) -> torch.nn.Module:
     backbone = getattr(model, "backbone", None)
     if backbone is not None and next(model.parameters()).device.type == "cpu":
         backbone.to(memory_format=torch.channels_last)
+    return model
+
+
+def _in_strides_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    if grad.stride() == param.stride() or any(
+            g != p for g, p, size in zip(grad.stride(), param.stride(), param.shape) if size != 1):
+        return grad
+    return grad.as_strided(param.shape, param.stride(), grad.storage_offset())
+
+
+def gradients_in_parameter_strides(model: torch.nn.Module) -> torch.nn.Module:
+    """Make the gradients of parameters with size-1 dimensions (1x1 convolution kernels) come in the parameter's
+    strides, without a copy; returns the model.
+
+    DDP reduces gradients through buckets laid out like the parameters, and compares strides exactly, those of
+    size-1 dimensions included, although they address no memory. A 1x1 kernel's gradient can take the layout of
+    the convolution's input (oneDNN's path, with more than one thread): the input projections of the
+    channels-last backbone's maps get channels-last strides, ``(C, 1, C, C)`` for a ``(C, 1, 1, 1)`` parameter,
+    the same bytes, and DDP warned "Grad strides do not match bucket view strides". Gradients whose other
+    strides differ are left as they are (autograd lays them out like the parameter).
+    """
+    for param in model.parameters():
+        if param.requires_grad and 1 in param.shape:
+            param.register_hook(functools.partial(_in_strides_of, param))
     return model
 
 
@@ -193,3 +237,74 @@ class MixedPrecisionTrainer(SimpleTrainer):
         super().load_state_dict(state_dict)
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+# errors of a write that the disk, a quota or a read-only file system refused
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+class TrainingStopped(BaseException):
+    """Ends a run with the one line ``str(self)`` (:func:`stop_message`).
+
+    A BaseException, like KeyboardInterrupt, so that Detectron2's train loop does not log it as a crash (with
+    a traceback, on the console too); its hooks' ``after_train`` still run.
+    """
+
+
+def _is_collective_failure(error: BaseException) -> bool:
+    # gloo reports a closed connection or a timeout as a RuntimeError whose text starts with its source file
+    return comm.get_world_size() > 1 and (isinstance(error, torch.distributed.DistError) or (
+        isinstance(error, RuntimeError) and "gloo/" in str(error)))
+
+
+def _checkpoint_note(output_dir: str) -> str:
+    checkpoint = last_good_checkpoint(output_dir)
+    if checkpoint is None:
+        return "no checkpoint has been written yet"
+    return f"the last good checkpoint is {checkpoint} (--resume continues from it)"
+
+
+def stop_message(error: BaseException, output_dir: str) -> Optional[str]:
+    """The one line that ends a run stopped by ``error``, when it is not a bug: a write the disk refused (full, a
+    quota, read-only), or a process of a distributed run that ended or stopped answering; else None.
+
+    A :class:`TrainingStopped` in the chain of ``error`` (a later failure while the hooks' ``after_train`` ran)
+    gives its line. The line ends with the last good checkpoint of ``output_dir``.
+    """
+    context = error
+    while context is not None:
+        if isinstance(context, TrainingStopped):
+            return str(context)
+        context = context.__context__
+    if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+        what = error.filename or f"into {output_dir}"
+        return f"could not write {what}: {error.strerror}; {_checkpoint_note(output_dir)}"
+    if _is_collective_failure(error):
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip()).splitlines()[0].split(". ")[0]
+        return (f"process {comm.get_rank()} of {comm.get_world_size()} lost contact with the others ({reason}): one "
+                f"of them ended, or did not answer within DIST_TIMEOUT; {_checkpoint_note(output_dir)}")
+    return None
+
+
+@contextlib.contextmanager
+def stops_in_one_line(output_dir: str):
+    """Inside the train loop: the failures of :func:`stop_message` become :class:`TrainingStopped`."""
+    try:
+        yield
+    except Exception as e:
+        message = stop_message(e, output_dir)
+        if message is None:
+            raise
+        raise TrainingStopped(message) from e
+
+
+@contextlib.contextmanager
+def exits_in_one_line(output_dir: str):
+    """Around a tool's run: the failures of :func:`stop_message` exit with ``error: <line>`` on stderr, status 1."""
+    try:
+        yield
+    except BaseException as e:
+        message = stop_message(e, output_dir)
+        if message is None:
+            raise
+        raise SystemExit(f"error: {message}") from None

@@ -1,18 +1,30 @@
 """The optimizer of the DETR recipe: AdamW with per-module learning rates and clipping of the total gradient norm."""
 import logging
 import math
-from typing import Collection, Dict, List
+from typing import Dict, List, Mapping, NamedTuple
 
 import torch
 from torch import nn
 
 from detectron2.solver.build import maybe_add_gradient_clipping
 
-__all__ = ["build_optimizer", "parameter_groups", "apply_epoch_schedule"]
+__all__ = ["build_optimizer", "parameter_groups", "KeyOrigin", "SCHEDULE_KEYS", "settle_schedule"]
 
 logger = logging.getLogger(__name__)
 
 LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
+
+
+# the keys that settle_schedule weighs against each other by where they were set
+SCHEDULE_KEYS = ("SOLVER.EPOCHS", "SOLVER.MAX_ITER", "SOLVER.LR_DROP_EPOCHS", "SOLVER.STEPS")
+
+
+class KeyOrigin(NamedTuple):
+    """Where a config key got its value: ``order`` grows with the merge (0: the defaults; then the files in the
+    order they are merged, a file's ``_BASE_`` before the file; then the command line's pairs in their order);
+    ``where`` names the place."""
+    order: int
+    where: str
 
 
 def parameter_groups(model: nn.Module, base_lr: float, backbone_multiplier: float, linear_proj_multiplier: float,
@@ -74,23 +86,42 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     return optimizer_cls(groups, lr=base_lr, **kwargs)
 
 
-def apply_epoch_schedule(cfg, dataset_size: int, command_line_keys: Collection[str] = ()) -> None:
-    """With ``SOLVER.EPOCHS > 0``, set MAX_ITER and STEPS (from SOLVER.LR_DROP_EPOCHS) in iterations, and log them.
+def settle_schedule(cfg, origins: Mapping[str, KeyOrigin], dataset_size: int = 0) -> None:
+    """Set SOLVER.MAX_ITER and SOLVER.STEPS in iterations, and log which keys decided them.
 
-    ``SOLVER.MAX_ITER`` or ``SOLVER.STEPS`` in ``command_line_keys`` (given on the command line) keep their
-    value: a short run of a config with an epoch schedule is ``... SOLVER.MAX_ITER 5``.
+    The value set last decides (``origins``: where each key was set, see :func:`sparse_detr.cli.key_origins`):
+    with ``SOLVER.EPOCHS > 0``, EPOCHS sets MAX_ITER unless MAX_ITER was set after it (in a file merged later,
+    or on the command line), and LR_DROP_EPOCHS sets STEPS unless STEPS was set after it; a file that sets both
+    of a pair keeps its epochs. Epochs become iterations of IMS_PER_BATCH of the ``dataset_size`` training
+    images. Steps at or beyond MAX_ITER would never happen: they are dropped, and the log says so (Detectron2
+    would drop them with a warning about STEPS).
     """
-    if cfg.SOLVER.EPOCHS <= 0:
-        return
-    iters_per_epoch = math.ceil(dataset_size / cfg.SOLVER.IMS_PER_BATCH)
-    derived = {"MAX_ITER": int(cfg.SOLVER.EPOCHS * iters_per_epoch),
-               "STEPS": tuple(int(e * iters_per_epoch) for e in cfg.SOLVER.LR_DROP_EPOCHS)}
-    schedule = []
-    for key, value in derived.items():
-        if f"SOLVER.{key}" in command_line_keys:
-            schedule.append(f"{key} {cfg.SOLVER[key]} (from the command line; the epochs give {value})")
-        else:
-            cfg.SOLVER[key] = value
-            schedule.append(f"{key} {value}")
-    logger.info("SOLVER.EPOCHS %g of %d images, %d iterations an epoch: %s", cfg.SOLVER.EPOCHS, dataset_size,
-                iters_per_epoch, ", ".join(schedule))
+    solver = cfg.SOLVER
+    epochs = solver.EPOCHS > 0
+    iters_per_epoch = math.ceil(dataset_size / solver.IMS_PER_BATCH) if epochs else 0
+
+    def decides(epoch_key: str, iteration_key: str) -> bool:
+        return epochs and origins[f"SOLVER.{epoch_key}"].order >= origins[f"SOLVER.{iteration_key}"].order
+
+    def source(key: str) -> str:
+        return f"SOLVER.{key} {cfg.SOLVER[key]} ({origins['SOLVER.' + key].where})"
+
+    if decides("EPOCHS", "MAX_ITER"):
+        solver.MAX_ITER = int(solver.EPOCHS * iters_per_epoch)
+        length = (f"MAX_ITER {solver.MAX_ITER} from {source('EPOCHS')}: {dataset_size} images, "
+                  f"{iters_per_epoch} iterations an epoch")
+    else:
+        length = f"MAX_ITER {solver.MAX_ITER} from SOLVER.MAX_ITER ({origins['SOLVER.MAX_ITER'].where})"
+        if epochs:
+            length += f", set after {source('EPOCHS')}, which gives {int(solver.EPOCHS * iters_per_epoch)}"
+    if decides("LR_DROP_EPOCHS", "STEPS"):
+        steps = tuple(int(e * iters_per_epoch) for e in solver.LR_DROP_EPOCHS)
+        drops = f"from {source('LR_DROP_EPOCHS')}"
+    else:
+        steps = tuple(solver.STEPS)
+        drops = f"from SOLVER.STEPS ({origins['SOLVER.STEPS'].where})"
+    solver.STEPS = tuple(step for step in steps if step < solver.MAX_ITER)
+    drops = f"STEPS {solver.STEPS} {drops}"
+    if solver.STEPS != steps:
+        drops += f", {tuple(s for s in steps if s >= solver.MAX_ITER)} dropped: not before MAX_ITER {solver.MAX_ITER}"
+    logger.info("schedule: %s; %s", length, drops)
