@@ -139,6 +139,10 @@ def test_fused_resnet_equals_the_folded_one(tiny_model):
         assert isinstance(backbone.stem.conv1, FusedConv) and not any(
             isinstance(m, (BottleneckBlock, BasicStem)) for m in backbone.modules())
         actual = backbone(image)
+        other_size = torch.randn(2, 3, 48, 80).contiguous(memory_format=torch.channels_last)  # weights packed once
+        for name, feature in folded(other_size).items():
+            scale = feature.abs().max().item()
+            torch.testing.assert_close(backbone(other_size)[name], feature, rtol=0, atol=1e-5 * scale)
         for name in expected:  # float32 rounding at the features' magnitude (oneDNN may sum in another order)
             scale = expected[name].abs().max().item()
             torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-5 * scale)

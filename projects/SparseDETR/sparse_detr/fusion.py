@@ -36,6 +36,11 @@ class FusedConv(nn.Module):
     """``conv`` (a folded Detectron2 Conv2d) as one oneDNN call: ``relu?(conv(x) + bias [+ residual])``.
 
     The input (and the residual) are taken in the weight's dtype (bf16 weights: the fast path's bf16 backbone).
+    The weight is reordered into oneDNN's own layout once (again only when it changes: its dtype, storage or
+    version), as PyTorch's compiler does for frozen weights; unpacked, every call would reorder it, which cost
+    more than the fusion saved (measured on the 2-core Xeon: ReLU and residual fused, 4-7 % off the bf16 model at
+    800x1199 with packed weights, nothing with unpacked ones). The layout is chosen for the first input's size
+    and serves any other.
     """
 
     def __init__(self, conv: D2Conv2d, relu: bool):
@@ -43,10 +48,21 @@ class FusedConv(nn.Module):
         self.conv, self.relu = conv, relu
         self.geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
 
+    def _packed(self, x: Tensor) -> Tensor:
+        weight = self.conv.weight
+        key = (weight.dtype, weight.data_ptr(), weight._version)
+        if getattr(self, "_key", None) != key:
+            padding, stride, dilation, groups = self.geometry
+            self._weight = torch.ops.mkldnn._reorder_convolution_weight(weight.detach(), padding, stride, dilation,
+                                                                       groups, list(x.shape))
+            self._key = key
+        return self._weight
+
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        weight, bias = self.conv.weight, self.conv.bias
+        bias = self.conv.bias
         padding, stride, dilation, groups = self.geometry
-        x = x.to(weight.dtype)
+        x = x.to(self.conv.weight.dtype)
+        weight = self._packed(x)
         if residual is None:
             return _CONVOLUTION(x, weight, bias, padding, stride, dilation, groups, "relu" if self.relu else "none",
                                 [], "")
