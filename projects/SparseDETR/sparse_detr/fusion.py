@@ -48,6 +48,12 @@ class FusedConv(nn.Module):
         self.conv, self.relu = conv, relu
         self.geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
 
+    def __getstate__(self):  # copies and pickles repack (the packed weight is a cache of the weight)
+        state = self.__dict__.copy()
+        state.pop("_weight", None)
+        state.pop("_key", None)
+        return state
+
     def _packed(self, x: Tensor) -> Tensor:
         weight = self.conv.weight
         key = (weight.dtype, weight.data_ptr(), weight._version)
