@@ -83,9 +83,8 @@ class Predictor:
         out = model.predict(inputs)
         instances = model.postprocess(out, inputs)[0]["instances"].to("cpu")
         best = float(instances.scores.max()) if len(instances) else float("-inf")
-        seen = inputs[0]["image"].permute(1, 2, 0).to(torch.uint8).numpy()
-        resized = seen if self.predictor.input_format == "RGB" else seen[:, :, ::-1]
-        return Prediction(instances[instances.scores >= self.threshold], best, out, resized)
+        return Prediction(instances[instances.scores >= self.threshold], best, out,
+                          self.predictor.resized_rgb(inputs[0]))
 
 
 class OnnxPredictor:

@@ -36,6 +36,7 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
+from sparse_detr.benchmark.timing import CLOCKS, take_turns
 from sparse_detr.checkpoint import SparseDETRCheckpointer
 from sparse_detr.cli import check_weights_file, load_config, reports_user_errors, resolve_config_file
 from sparse_detr.deploy import (DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAMES, ExportableDetector, check_input_size,
@@ -49,8 +50,6 @@ logger = logging.getLogger("sparse_detr.export")
 FORMATS = ("onnx", "torch")
 TENSORRT_MAX_TOP_K = 3840  # ITopKLayer's limit on k
 DYNAMIC_SIZE_WORDS = ("-1", "0?", "?", "dynamic", "auto", "none")
-# wall: elapsed time. cpu: this process's CPU time, for a machine shared with other work (best with --threads 1)
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -190,14 +189,13 @@ def benchmark(model, onnx_path: str, images: torch.Tensor, threads: int, warmup:
     fast = FastInferenceModel(model, inference_precision("auto", images.device))
     runs = {"eager": lambda: model(batched_inputs), "fast": lambda: fast(batched_inputs),
             "onnxruntime": lambda: session.run(list(OUTPUT_NAMES), feed)}
-    seconds = {name: [] for name in runs}
     results = {}
-    for step in range(warmup + repeats):
-        for name, run in runs.items():
-            start = clock()
-            results[name] = run()
-            if step >= warmup:
-                seconds[name].append(clock() - start)
+
+    def keeping(name, run):  # the last run's result, for the comparison below
+        return lambda: results.__setitem__(name, run())
+
+    seconds = take_turns({name: keeping(name, run) for name, run in runs.items()}, images.device, warmup, repeats,
+                         clock=clock)
     scores, labels, boxes = results["onnxruntime"]
     eager = [r["instances"] for r in results["eager"]]
     eager_boxes = np.stack([i.pred_boxes.tensor.numpy() for i in eager])

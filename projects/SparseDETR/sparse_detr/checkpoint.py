@@ -23,8 +23,8 @@ from torch import Tensor
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-__all__ = ["convert_checkpoint", "convert_state_dict", "remove_stale_temporaries", "save_checkpoint_atomically",
-           "SparseDETRCheckpointer"]
+__all__ = ["convert_checkpoint", "convert_state_dict", "exception_chain", "remove_stale_temporaries",
+           "save_checkpoint_atomically", "SparseDETRCheckpointer"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,13 +142,14 @@ def write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         os.unlink(tmp)
-        refused = next((c for c in _exception_chain(e) if isinstance(c, OSError) and c.errno), None)
+        refused = next((c for c in exception_chain(e) if isinstance(c, OSError) and c.errno), None)
         if refused is None:
             raise
         raise OSError(refused.errno, refused.strerror, path) from e
 
 
-def _exception_chain(error: BaseException):
+def exception_chain(error: BaseException):
+    """``error``, then the exception it was raised while handling, and so on."""
     while error is not None:
         yield error
         error = error.__context__

@@ -33,6 +33,7 @@ from detectron2.engine import HookBase, SimpleTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from .checkpoint import exception_chain
 from .output_dir import last_good_checkpoint
 
 __all__ = ["ResumableTrainLoader", "StepSeedHook", "MixedPrecisionTrainer", "UnreadableImagesReport", "stream_seed",
@@ -271,11 +272,9 @@ def stop_message(error: BaseException, output_dir: str) -> Optional[str]:
     A :class:`TrainingStopped` in the chain of ``error`` (a later failure while the hooks' ``after_train`` ran)
     gives its line. The line ends with the last good checkpoint of ``output_dir``.
     """
-    context = error
-    while context is not None:
-        if isinstance(context, TrainingStopped):
-            return str(context)
-        context = context.__context__
+    stopped = next((e for e in exception_chain(error) if isinstance(e, TrainingStopped)), None)
+    if stopped is not None:
+        return str(stopped)
     if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
         what = error.filename or f"into {output_dir}"
         return f"could not write {what}: {error.strerror}; {_checkpoint_note(output_dir)}"
@@ -287,24 +286,22 @@ def stop_message(error: BaseException, output_dir: str) -> Optional[str]:
 
 
 @contextlib.contextmanager
+def _stopped_as(catch, stopped: Callable[[str], BaseException], output_dir: str):
+    """The failures of :func:`stop_message` among ``catch`` re-raised as ``stopped(line)``; others as they are."""
+    try:
+        yield
+    except catch as e:
+        message = stop_message(e, output_dir)
+        if message is None:
+            raise
+        raise stopped(message) from e
+
+
 def stops_in_one_line(output_dir: str):
     """Inside the train loop: the failures of :func:`stop_message` become :class:`TrainingStopped`."""
-    try:
-        yield
-    except Exception as e:
-        message = stop_message(e, output_dir)
-        if message is None:
-            raise
-        raise TrainingStopped(message) from e
+    return _stopped_as(Exception, TrainingStopped, output_dir)
 
 
-@contextlib.contextmanager
 def exits_in_one_line(output_dir: str):
     """Around a tool's run: the failures of :func:`stop_message` exit with ``error: <line>`` on stderr, status 1."""
-    try:
-        yield
-    except BaseException as e:
-        message = stop_message(e, output_dir)
-        if message is None:
-            raise
-        raise SystemExit(f"error: {message}") from None
+    return _stopped_as(BaseException, lambda line: SystemExit(f"error: {line}"), output_dir)

@@ -60,6 +60,11 @@ class SparseDETRPredictor:
         return {"image": torch.as_tensor(resized.astype("float32").transpose(2, 0, 1)), "height": height,
                 "width": width}
 
+    def resized_rgb(self, model_input: Dict) -> np.ndarray:
+        """The resized image of a :meth:`preprocess` input as the model sees it, (h, w, 3) uint8 in RGB order."""
+        image = model_input["image"].permute(1, 2, 0).to(torch.uint8).numpy()
+        return image if self.input_format == "RGB" else image[:, :, ::-1]
+
     @torch.no_grad()
     def __call__(self, original_image: np.ndarray) -> Dict:
         return self.model([self.preprocess(original_image)])[0]

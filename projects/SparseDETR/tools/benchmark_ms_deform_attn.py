@@ -24,12 +24,12 @@ import argparse
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from sparse_detr.benchmark.timing import CLOCKS, take_turns
 from sparse_detr.layers import multi_scale_deformable_attention, use_implementation
 
 LEVEL_SHAPES = [(100, 150), (50, 75), (25, 38), (13, 19)]
@@ -37,7 +37,6 @@ HEADS, HEAD_DIM, POINTS = 8, 32, 4
 TOKENS = sum(h * w for h, w in LEVEL_SHAPES)
 CASES = {"encoder_rho0.1": (int(0.1 * TOKENS), True), "encoder_rho1.0": (TOKENS, True), "decoder": (300, False)}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 IMPLEMENTATIONS = ("pytorch", "compiled")
 
 
@@ -120,24 +119,9 @@ def bytes_to_move(batch, num_queries, dtype):
     return forward, forward + backward
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_interleaved(functions, device, warmup, repeats, clock):
     """Median milliseconds of each function, their runs taking turns."""
-    for _ in range(warmup):
-        for fn in functions.values():
-            fn()
-    times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, fn in functions.items():
-            synchronize(device)
-            start = clock()
-            fn()
-            synchronize(device)
-            times[name].append(clock() - start)
+    times = take_turns(functions, device, warmup, repeats, clock=clock)
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 

@@ -35,17 +35,14 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from detectron2.data import DatasetCatalog, MetadataCatalog, detection_utils  # noqa: E402
-from detectron2.data import transforms as T  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import BoxMode  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
 
 import sparse_detr  # noqa: E402
-from sparse_detr.checkpoint import SparseDETRCheckpointer  # noqa: E402
 from sparse_detr.cli import load_config, reports_user_errors  # noqa: E402
-from sparse_detr.inference import build_inference_model  # noqa: E402
+from sparse_detr.predictor import SparseDETRPredictor  # noqa: E402
 from sparse_detr.visualization import draw_kept_tokens, kept_token_masks  # noqa: E402
 
 logger = logging.getLogger("sparse_detr.report")
@@ -206,9 +203,9 @@ def main(argv=None):
     cfg = load_config(args.config_file)
     cfg.MODEL.DEVICE = "cpu"
     threshold = cfg.TEST.CONFIDENCE_THRESHOLD if args.confidence_threshold is None else args.confidence_threshold
-    model = build_model(cfg).eval()
-    SparseDETRCheckpointer(model).load(weights)
-    model = build_inference_model(cfg, model)  # what evaluation ran
+    cfg.MODEL.WEIGHTS = weights
+    predictor = SparseDETRPredictor(cfg)  # the model evaluation ran, with its test resize and input format
+    model = predictor.model
     dataset = cfg.DATASETS.TEST[0]
     dataset_dicts = DatasetCatalog.get(dataset)
     metadata = MetadataCatalog.get(dataset)  # after loading: a COCO json's dataset sets its id mapping then
@@ -217,18 +214,15 @@ def main(argv=None):
     if evaluated is not None:
         logger.info("calibrating on the evaluation's detections (%s); the model runs for the %d images drawn",
                     detections_file, min(args.num_images, len(dataset_dicts)))
-    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
     os.makedirs(os.path.join(args.output_dir, "predictions"), exist_ok=True)
     os.makedirs(os.path.join(args.output_dir, "kept_tokens"), exist_ok=True)
     pairs, num_truths = [], 0
     for index, record in enumerate(tqdm(dataset_dicts, desc="validation images", file=sys.stderr)):
         drawn = index < args.num_images
         if drawn or evaluated is None:
-            image = detection_utils.read_image(record["file_name"], format="RGB")
-            resized = resize.get_transform(image).apply_image(image)
-            inputs = [{"image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)),
-                                                dtype=torch.float32),
-                       "height": image.shape[0], "width": image.shape[1]}]
+            image_bgr = detection_utils.read_image(record["file_name"], format="BGR")
+            image = image_bgr[:, :, ::-1]
+            inputs = [predictor.preprocess(image_bgr, record["file_name"])]
             with torch.no_grad():
                 out = model.predict(inputs)
                 instances = model.postprocess(out, inputs)[0]["instances"]
@@ -246,6 +240,7 @@ def main(argv=None):
         name = os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png"
         plt.imsave(os.path.join(args.output_dir, "predictions", name), np.concatenate([predicted, gap, drawn_truth], 1))
         if out.kept_tokens is not None:
+            resized = predictor.resized_rgb(inputs[0])
             panels = draw_kept_tokens(np.kron(resized, np.ones((2, 2, 1), np.uint8)), kept_token_masks(out, 0),
                                       out.image_sizes[0])
             plt.imsave(os.path.join(args.output_dir, "kept_tokens", name), panels)
