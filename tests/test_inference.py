@@ -16,7 +16,7 @@ from detectron2.utils.events import EventStorage
 from conftest import build_config
 from sparse_detr.inference import (FastInferenceModel, build_inference_model, fold_batch_norms, has_native_bf16,
                                    inference_precision)
-from sparse_detr.fusion import FusedConv, fuse_resnet
+from sparse_detr.fusion import FusedConv, PackedLinear, fuse_resnet, pack_linears
 from sparse_detr.layers import MSDeformAttn
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -124,6 +124,60 @@ def test_sparse_encoder_updates_in_place_only_without_autograd(tiny_model, make_
     assert_same_detections(out_of_place, in_place, box_atol=1e-10, score_atol=1e-12)
 
 
+@pytest.mark.parametrize("levels", [1, 4])
+def test_folded_point_locations_equal_reference_plus_scaled_offsets(levels):
+    """The fast path's sampling locations (one matrix multiplication of [query, reference]) are the layer's
+    reference + offsets / (W_l, H_l), in float32 within rounding, also inside a bf16 autocast (where the
+    sampling-offset layer stays in float32); with autograd on, the layer computes them as before."""
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=64, n_levels=levels, n_heads=4, n_points=3)
+    with torch.no_grad():  # offsets of the size a trained layer predicts, not the initial pattern alone
+        attn.sampling_offsets.weight.normal_(0, 0.5)
+    shapes = torch.tensor([[13, 17], [7, 9], [4, 5], [2, 3]][:levels])
+    starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+    query, value = torch.randn(2, 11, 64), torch.randn(2, int(shapes.prod(1).sum()), 64)
+    reference = torch.rand(2, 11, levels, 2)
+    expected = attn(query, reference, value, shapes, starts)
+    attn.fold_point_locations = True
+    assert torch.equal(attn(query, reference, value, shapes, starts).sampling_locations,
+                       expected.sampling_locations)  # autograd on: the layer's own computation
+    with torch.no_grad():
+        folded = attn(query, reference, value, shapes, starts)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            folded_bf16 = attn(query, reference, value, shapes, starts)
+    torch.testing.assert_close(folded.sampling_locations, expected.sampling_locations, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(folded.output, expected.output, rtol=1e-5, atol=1e-5)
+    assert folded_bf16.sampling_locations.dtype == torch.float32
+    torch.testing.assert_close(folded_bf16.sampling_locations, expected.sampling_locations, rtol=1e-6, atol=1e-6)
+
+
+def test_fast_sparse_encoder_reports_kept_tokens_best_first(tiny_model, make_batch):
+    """The fast path's encoder takes its queries in token order (cache-friendly), and reports the kept tokens
+    best first as the model does; a padded batch writes back only n_i tokens of each image either way."""
+    model = tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float64)
+    inputs = make_batch(dict(height=64, width=96), dict(height=40, width=56), seed=6)
+    full = model.predict(inputs)
+    fast = model.predict(inputs, detections_only=True)
+    assert torch.equal(fast.kept_tokens, full.kept_tokens)
+    assert not torch.equal(fast.kept_tokens, fast.kept_tokens.sort(1).values)  # best first is not token order
+    assert torch.equal(fast.query_tokens, full.query_tokens)
+    torch.testing.assert_close(fast.pred_logits[0], full.pred_logits[-1].detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fast.pred_boxes[0], full.pred_boxes[-1].detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_input_projections_are_packed(tiny_model, make_batch):
+    model = tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32)
+    fast = FastInferenceModel(model, torch.float32)
+    assert all(isinstance(proj[0], FusedConv) for proj in fast.model.input_proj)
+    assert all(type(proj[0]) is torch.nn.Conv2d for proj in model.input_proj)  # the model keeps its own
+    assert type(fast.model.transformer.encoder.layers[0].linear1) is torch.nn.Linear  # packed in bf16 only
+    assert isinstance(FastInferenceModel(model, torch.bfloat16).model.transformer.encoder.layers[0].linear1,
+                      PackedLinear)
+    assert type(model.transformer.encoder.layers[0].linear1) is torch.nn.Linear
+    assert all(m.fold_point_locations for m in fast.modules() if isinstance(m, MSDeformAttn))
+    assert not any(m.fold_point_locations for m in model.modules() if isinstance(m, MSDeformAttn))
+
+
 def test_fused_resnet_equals_the_folded_one(tiny_model):
     """After folding, the stem and every block run their convolutions with the ReLU and the residual addition as
     oneDNN post-ops: the same features in float32; in bf16 as close as bf16 rounding allows."""
@@ -138,6 +192,8 @@ def test_fused_resnet_equals_the_folded_one(tiny_model):
         assert fuse_resnet(backbone) == 53
         assert isinstance(backbone.stem.conv1, FusedConv) and not any(
             isinstance(m, (BottleneckBlock, BasicStem)) for m in backbone.modules())
+        # every block sums into its shortcut in place: a projection's output, or the previous block's in a stage
+        assert all(block.sum_into_shortcut for stage in backbone.stages for block in stage)
         actual = backbone(image)
         other_size = torch.randn(2, 3, 48, 80).contiguous(memory_format=torch.channels_last)  # weights packed once
         for name, feature in folded(other_size).items():
@@ -154,6 +210,32 @@ def test_fused_resnet_equals_the_folded_one(tiny_model):
             assert actual[name].dtype == torch.bfloat16
             scale = expected[name].float().abs().max()
             assert (actual[name].float() - expected[name].float()).abs().max() <= 0.05 * scale
+
+
+def test_packed_linears_equal_the_layers_they_replace():
+    """pack_linears swaps every nn.Linear (not a multi-head attention's) for one oneDNN call with the weight packed
+    once and the bias fused: the same outputs in float32 within rounding, in bf16 within bf16 rounding; the packed
+    weight follows the layer's weight and is not copied with the module."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
+    attention = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    reference = copy.deepcopy(module)
+    x = torch.randn(2, 37, 48)
+    with torch.no_grad():
+        assert pack_linears(module) == 2 and pack_linears(attention) == 0
+        assert isinstance(module[0], PackedLinear) and type(attention.out_proj) is not PackedLinear
+        torch.testing.assert_close(module(x), reference(x), rtol=1e-5, atol=1e-6)
+        module[2].linear.weight.mul_(2)  # an in-place change repacks
+        reference[2].weight.mul_(2)
+        torch.testing.assert_close(module(x), reference(x), rtol=1e-5, atol=1e-6)
+        copied = copy.deepcopy(module)
+        assert "_weight" not in copied[0].__dict__ and torch.equal(copied(x), module(x))
+        module.to(torch.bfloat16)
+        out = module(x)  # float32 input taken in the weights' dtype, as a bf16 autocast would
+        assert out.dtype == torch.bfloat16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = reference(x)
+        assert (out.float() - expected.float()).abs().max() <= 0.02 * expected.float().abs().max()
 
 
 def test_fusion_leaves_other_backbones_as_they_are(tiny_model):

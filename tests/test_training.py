@@ -352,7 +352,7 @@ def test_two_processes_train_identical_weights_without_ddp_warnings(shapes_env, 
 
 def test_max_iter_of_a_config_wins_over_the_epochs_of_its_base(shapes_env, tmp_path):
     """The value set last decides: a user's yaml with ``_BASE_: demo.yaml`` and its own MAX_ITER trains that many
-    iterations, not the 6 epochs of demo.yaml (36 here)."""
+    iterations, not the 4 epochs of demo.yaml (24 here)."""
     config = tmp_path / "my.yaml"
     config.write_text(f'_BASE_: "{DEMO_CONFIG}"\nSOLVER:\n  MAX_ITER: 3\n')
     out = tmp_path / "run"
@@ -362,8 +362,8 @@ def test_max_iter_of_a_config_wins_over_the_epochs_of_its_base(shapes_env, tmp_p
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = [json.loads(line) for line in open(out / "metrics.json")]
     assert [r["iteration"] for r in records if "total_loss" in r][-1] == 2
-    assert ("schedule: MAX_ITER 3 from SOLVER.MAX_ITER (my.yaml), set after SOLVER.EPOCHS 6 (demo.yaml), which "
-            "gives 36; STEPS () from SOLVER.LR_DROP_EPOCHS [5] (demo.yaml), (30,) dropped: not before MAX_ITER 3"
+    assert ("schedule: MAX_ITER 3 from SOLVER.MAX_ITER (my.yaml), set after SOLVER.EPOCHS 4 (demo.yaml), which "
+            "gives 24; STEPS () from SOLVER.LR_DROP_EPOCHS [3.4] (demo.yaml), (20,) dropped: not before MAX_ITER 3"
             in (out / "log.txt").read_text())
     assert not (out / LOCK_NAME).exists(), "the lock goes with the training"
 
@@ -517,8 +517,8 @@ def test_max_iter_on_the_command_line_wins_over_epochs_and_the_schedule_is_logge
     records = [json.loads(line) for line in open(out / "metrics.json")]
     assert [r["iteration"] for r in records if "total_loss" in r][-1] == 1
     log = (out / "log.txt").read_text()
-    assert ("schedule: MAX_ITER 2 from SOLVER.MAX_ITER (the command line), set after SOLVER.EPOCHS 6 (demo.yaml), "
-            "which gives 12; STEPS () from SOLVER.LR_DROP_EPOCHS [5] (demo.yaml), (10,) dropped: not before "
+    assert ("schedule: MAX_ITER 2 from SOLVER.MAX_ITER (the command line), set after SOLVER.EPOCHS 4 (demo.yaml), "
+            "which gives 8; STEPS () from SOLVER.LR_DROP_EPOCHS [3.4] (demo.yaml), (6,) dropped: not before "
             "MAX_ITER 2") in log
     assert "SOLVER.STEPS contains values larger than SOLVER.MAX_ITER" not in log
 

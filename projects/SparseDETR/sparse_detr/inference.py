@@ -6,9 +6,15 @@ same detections faster; the model itself (its modules, state dict and checkpoint
 * batch norms (frozen, or in eval mode) are folded into the convolutions before them;
 * the convolutional backbone runs channels-last; on the CPU a folded ResNet's convolutions apply their ReLU
   and residual addition as oneDNN post-ops (:mod:`sparse_detr.fusion`) instead of separate passes;
+* the input projections' convolutions (and, in bf16, the transformer's linear layers) keep their weights in
+  oneDNN's layout and add their bias in the same call (:func:`~sparse_detr.fusion.pack_convolutions`,
+  :func:`~sparse_detr.fusion.pack_linears`);
 * the transformer skips what neither the detections nor the DAM use (``detections_only``): the encoder
   auxiliary heads, the two-stage box head on tokens that do not become queries, the predictions of the
-  decoder layers before the last;
+  decoder layers before the last; the sparse encoder takes its queries in token order (cache-friendly
+  sampling);
+* every deformable attention with point references computes its sampling locations in the sampling-offset
+  layer's matrix multiplication (``MSDeformAttn.fold_point_locations``);
 * in bfloat16 (``TEST.PRECISION``), convolutions and linear layers run in bf16 under ``torch.autocast``
   with their weights stored in bf16 once, while the precision-sensitive layers stay in float32: the
   sampling-offset and attention-weight layers of every deformable attention (sampling locations and their
@@ -26,7 +32,7 @@ from torch import nn
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.layers import Conv2d as D2Conv2d
 
-from .fusion import fuse_resnet
+from .fusion import fuse_resnet, pack_convolutions, pack_linears
 from .layers import MSDeformAttn
 from .meta_arch import SparseDETR
 from .transformer import TransformerOutput
@@ -177,13 +183,20 @@ class FastInferenceModel(nn.Module):
         self.dtype = dtype
         folded = fold_batch_norms(self.model.backbone)
         fused = fuse_resnet(self.model.backbone) if fuse else 0
+        if fuse:
+            fused += pack_convolutions(self.model.input_proj)
+        for module in self.model.modules():
+            if isinstance(module, MSDeformAttn):
+                module.fold_point_locations = True
         if any(isinstance(m, nn.Conv2d) for m in self.model.backbone.modules()):
             self.model.backbone = ChannelsLast(self.model.backbone)
         if dtype == torch.bfloat16:
             _to_bfloat16(self.model)
+        if fuse and dtype == torch.bfloat16:  # in float32, MKL's addmm was as fast or faster (measured)
+            fused += pack_linears(self.model.transformer)
         super().train(False)
-        logger.info("fast inference: %d batch norms folded, %d convolutions fused with their ReLU and residual, %s",
-                    folded, fused, dtype)
+        logger.info("fast inference: %d batch norms folded, %d convolutions run by oneDNN with packed weights (the "
+                    "backbone's with their ReLU and residual fused), %s", folded, fused, dtype)
 
     @property
     def device(self) -> torch.device:

@@ -338,6 +338,16 @@ class SparseDeformableTransformer(nn.Module):
 
         kept, sparse_token_nums = self._select_tokens(flat, proposal_valid, out)
         k = kept.shape[1]
+        # tokens beyond n_i of an image keep being updated as queries but are not written back
+        write_back = (torch.arange(k, device=kept.device)[None] < sparse_token_nums[:, None])[..., None]
+        # without autograd the tokens are copied once and updated in place: an out-of-place scatter copies all
+        # of them at every layer (at 800x1199, 20k tokens of which 10 % change)
+        in_place = not torch.is_grad_enabled()
+        if in_place and detections_only:
+            # the queries in token order (out.kept_tokens keeps the best-first order): neighbouring queries then
+            # sample neighbouring values, which the attention finds in cache (20-25 % off its time at 800x1199)
+            kept, order = kept.sort(dim=1)
+            write_back = write_back.gather(1, order[..., None])
 
         def gather(x):
             return x.gather(1, kept.view(*kept.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
@@ -345,12 +355,7 @@ class SparseDeformableTransformer(nn.Module):
         query, query_pos, query_ref = gather(memory), gather(flat.pos), gather(reference)
         auxiliary = self.use_enc_aux_loss and not detections_only
         query_proposals = gather(proposals) if auxiliary else None
-        # tokens beyond n_i of an image keep being updated as queries but are not written back
-        write_back = (torch.arange(k, device=kept.device)[None] < sparse_token_nums[:, None])[..., None]
         index = kept[..., None].expand(-1, -1, memory.shape[-1])
-        # without autograd the tokens are copied once and updated in place: an out-of-place scatter copies all
-        # of them at every layer (at 800x1199, 20k tokens of which 10 % change)
-        in_place = not torch.is_grad_enabled()
         if in_place:
             memory = memory.clone()
         for lid, layer in enumerate(self.encoder.layers):

@@ -490,16 +490,41 @@ class MSDeformAttn(nn.Module):
         if padding_mask is not None:
             values = values.masked_fill(padding_mask[..., None], 0.0)
         values = values.view(n, value.shape[1], m, self.d_model // m)
-        offsets = self.sampling_offsets(query).view(n, num_queries, m, num_levels, points, 2)
+        if reference_points.shape[-1] not in (2, 4):
+            raise ValueError(f"reference_points must end in 2 (points) or 4 (boxes), got {tuple(reference_points.shape)}")
+        if reference_points.shape[-1] == 2 and self.fold_point_locations and not torch.is_grad_enabled():
+            locations = self._folded_point_locations(query, reference_points, spatial_shapes)
+        else:
+            offsets = self.sampling_offsets(query).view(n, num_queries, m, num_levels, points, 2)
+            if reference_points.shape[-1] == 2:
+                normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
+                locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+            else:
+                locations = (reference_points[:, :, None, :, None, :2]
+                             + offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5)
         weights = self.attention_weights(query).view(n, num_queries, m, num_levels * points)
         weights = weights.softmax(-1).view(n, num_queries, m, num_levels, points)
-        if reference_points.shape[-1] == 2:
-            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        elif reference_points.shape[-1] == 4:
-            locations = (reference_points[:, :, None, :, None, :2]
-                         + offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5)
-        else:
-            raise ValueError(f"reference_points must end in 2 (points) or 4 (boxes), got {tuple(reference_points.shape)}")
         sampled = multi_scale_deformable_attention(values, spatial_shapes, level_start_index, locations, weights)
         return DeformableAttentionOutput(self.output_proj(sampled), locations, weights)
+
+    # Inference only (``fold_point_locations``, set by the fast inference path): with point references,
+    # reference + offsets / (W_l, H_l) is an affine map of [query, reference], so the division and the
+    # broadcast addition (two passes over (N, Lq, M, L, P, 2) with a 2-element inner loop, slow on the CPU)
+    # fold into the sampling-offset layer's matrix multiplication: the weights scaled by 1 / (W_l, H_l) and
+    # the reference copied to each (head, point) by extra 0/1 columns. In float32, within rounding of the
+    # unfolded computation; the layer stays in float32 under a bf16 autocast.
+    fold_point_locations = False
+
+    def _folded_point_locations(self, query: Tensor, reference_points: Tensor, spatial_shapes: Tensor) -> Tensor:
+        n, num_queries, _ = query.shape
+        m, num_levels, points = self.n_heads, self.n_levels, self.n_points
+        linear = getattr(self.sampling_offsets, "module", self.sampling_offsets)  # a float32 wrapper's layer
+        scale = 1.0 / spatial_shapes.flip(-1).to(torch.float32)  # (L, 2): 1 / (W_l, H_l)
+        scale = scale.view(1, num_levels, 1, 2).expand(m, num_levels, points, 2).reshape(-1, 1)
+        copies = torch.eye(num_levels * 2, device=query.device).view(1, num_levels, 1, 2, num_levels * 2)
+        copies = copies.expand(m, num_levels, points, 2, num_levels * 2).reshape(-1, num_levels * 2)
+        weight = torch.cat([linear.weight.float() * scale, copies], 1)
+        with torch.autocast(query.device.type, enabled=False):
+            inputs = torch.cat([query.float(), reference_points.flatten(2).float()], -1)
+            locations = F.linear(inputs, weight, linear.bias.float() * scale[:, 0])
+        return locations.view(n, num_queries, m, num_levels, points, 2)
