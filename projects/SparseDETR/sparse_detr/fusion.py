@@ -12,7 +12,7 @@ convolution); in bf16 the fused residual addition is rounded once instead of twi
 :func:`fuse_resnet` rewrites the stem and the blocks of a folded ResNet in place; anything else (a Swin, a
 ResNet with GroupNorm, which cannot be folded, a CUDA model) is left as it is.
 """
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,24 @@ def _fusable(conv: Optional[nn.Module]) -> bool:
             and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple))
 
 
-class FusedConv(nn.Module):
+class _PackedWeight(nn.Module):
+    """A layer whose weight is kept in oneDNN's own layout, packed again only when the weight changes (its dtype,
+    storage or version). The packed weight is a cache: copies and pickles drop it and pack their own."""
+
+    def packed(self, weight: Tensor, pack: Callable[[Tensor], Tensor]) -> Tensor:
+        key = (weight.dtype, weight.data_ptr(), weight._version)
+        if getattr(self, "_key", None) != key:
+            self._weight, self._key = pack(weight.detach()), key
+        return self._weight
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_weight", None)
+        state.pop("_key", None)
+        return state
+
+
+class FusedConv(_PackedWeight):
     """``conv`` (a folded Detectron2 Conv2d) as one oneDNN call: ``relu?(conv(x) + bias [+ residual])``.
 
     The input (and the residual) are taken in the weight's dtype (bf16 weights: the fast path's bf16 backbone).
@@ -47,26 +64,16 @@ class FusedConv(nn.Module):
     def __init__(self, conv: nn.Conv2d, relu: bool):
         super().__init__()
         self.conv, self.relu = conv, relu
-        self.geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        # the convolution's geometry, for code that reads it from the module (the padding-free input projections)
+        # the convolution's geometry: as lists for oneDNN, and as nn.Conv2d's attributes for code that reads them
+        # from the module (the padding-free input projections)
         self.kernel_size, self.padding, self.stride, self.dilation = (conv.kernel_size, conv.padding, conv.stride,
                                                                       conv.dilation)
-
-    def __getstate__(self):  # copies and pickles repack (the packed weight is a cache of the weight)
-        state = self.__dict__.copy()
-        state.pop("_weight", None)
-        state.pop("_key", None)
-        return state
+        self.geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
 
     def _packed(self, x: Tensor) -> Tensor:
-        weight = self.conv.weight
-        key = (weight.dtype, weight.data_ptr(), weight._version)
-        if getattr(self, "_key", None) != key:
-            padding, stride, dilation, groups = self.geometry
-            self._weight = torch.ops.mkldnn._reorder_convolution_weight(weight.detach(), padding, stride, dilation,
-                                                                       groups, list(x.shape))
-            self._key = key
-        return self._weight
+        padding, stride, dilation, groups = self.geometry
+        return self.packed(self.conv.weight, lambda weight: torch.ops.mkldnn._reorder_convolution_weight(
+            weight, padding, stride, dilation, groups, list(x.shape)))
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None, into_residual: bool = False) -> Tensor:
         """``relu?(conv(x) + bias [+ residual])``; with ``into_residual``, written into ``residual`` (which must be in
@@ -180,7 +187,7 @@ def pack_convolutions(convs: nn.ModuleList) -> int:
     return packed
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(_PackedWeight):
     """``linear`` as one oneDNN call with its weight in oneDNN's layout (packed once, again only when it changes)
     and the bias added on the output tile: ``addmm`` first copies the broadcast bias into the whole output (an
     extra pass over, e.g., 20k tokens x 256 channels for every value projection at 800x1199). The input is taken
@@ -199,19 +206,10 @@ class PackedLinear(nn.Module):
     def bias(self) -> Optional[Tensor]:
         return self.linear.bias
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_weight", None)
-        state.pop("_key", None)
-        return state
-
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.linear.weight
-        key = (weight.dtype, weight.data_ptr(), weight._version)
-        if getattr(self, "_key", None) != key:
-            self._weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-            self._key = key
-        return torch.ops.mkldnn._linear_pointwise(x.to(weight.dtype), self._weight, self.linear.bias, "none", [], "")
+        weight = self.packed(self.linear.weight, torch.ops.mkldnn._reorder_linear_weight)
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.linear.weight.dtype), weight, self.linear.bias, "none",
+                                                  [], "")
 
 
 @torch.no_grad()
