@@ -18,7 +18,8 @@ from detectron2.utils.events import EventStorage
 from fvcore.nn import FlopCountAnalysis
 
 from sparse_detr.benchmark import Timing, ab_table, scaling_study, scaling_table
-from sparse_detr.benchmark.ab import Ratio, ab_ratio, ab_runs, build_side, training_batch
+from sparse_detr.benchmark.ab import (SIZE_SPREAD, Ratio, ab_ratio, ab_runs, build_side, training_batch,
+                                     training_batches, turn_image_sizes)
 from sparse_detr.benchmark.counts import encoder_auxiliary_heads, trainable_parameters
 from sparse_detr.benchmark.timing import measure_speed, take_turns
 from sparse_detr.flops import SAMPLING_TAPS, authors_op_handles, count_flops
@@ -212,6 +213,42 @@ def test_training_batch_is_fixed_by_its_seed():
     assert not torch.equal(first[0]["image"], first[1]["image"])
 
 
+def test_varying_training_batches_draw_new_sizes_each_turn_rounded_to_each_sides_multiple():
+    sides = [build_side(DEMO_CONFIG, TINY_DEMO, label, text)
+             for label, text in (("A", "INPUT.SIDE_MULTIPLE 16"), ("B", "INPUT.SIDE_MULTIPLE 0"))]
+    cpu = torch.device("cpu")
+    a, b = ([next(batches) for _ in range(4)]  # 3 turns, then the first again
+            for batches in (training_batches(side, (HEIGHT, WIDTH), 2, 3, 7, "varying", 3, cpu) for side in sides))
+    sizes_a, sizes_b = ([[tuple(item["image"].shape[1:]) for item in batch] for batch in turns] for turns in (a, b))
+    assert sizes_a[3] == sizes_a[0] and sizes_b[3] == sizes_b[0], "the turns' batches come round again"
+    assert len({tuple(turn) for turn in sizes_b[:3]}) == 3, "each turn its own sizes"
+    for turn_a, turn_b in zip(sizes_a, sizes_b):
+        for (ha, wa), (hb, wb) in zip(turn_a, turn_b):
+            assert SIZE_SPREAD * HEIGHT - 1 <= hb <= HEIGHT and SIZE_SPREAD * WIDTH - 1 <= wb <= WIDTH
+            assert (ha, wa) == (16 * int(hb / 16 + 0.5), 16 * int(wb / 16 + 0.5)), "A rounds B's draws to multiples of 16"
+    for batch in a[:3]:
+        for item in batch:
+            boxes = item["instances"].gt_boxes.tensor
+            assert item["instances"].image_size == tuple(item["image"].shape[1:])
+            assert (boxes[:, 2:] <= torch.tensor(item["image"].shape[:0:-1])).all()
+    assert turn_image_sizes((HEIGHT, WIDTH), 2, 7) == turn_image_sizes((HEIGHT, WIDTH), 2, 7)
+    fixed = training_batches(sides[0], (HEIGHT, WIDTH), 2, 3, 7, "fixed", 3, cpu)
+    assert next(fixed) is next(fixed) and next(fixed)[0]["image"].shape == (3, HEIGHT, WIDTH)
+    with pytest.raises(ValueError, match="image sizes are one of"):
+        ab_runs(sides, "training", (HEIGHT, WIDTH), 2, cpu, sizes="random")
+
+
+def test_ab_training_with_varying_sizes_says_so(benchmark, capsys):
+    argv = ["--config-file", str(DEMO_CONFIG), "--device", "cpu", "--image-size", str(HEIGHT), str(WIDTH),
+            "--batch-sizes", "2", "--repeats", "2", "--warmup", "0", "--ab-step", "training", "--ab-sizes", "varying",
+            "--ab", "INPUT.SIDE_MULTIPLE 32", "", "--json", *TINY_DEMO]
+    assert benchmark.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)["ab"]
+    assert result["sizes"] == "varying" and result["sides"]["A"]["path"] == "training, float32"
+    assert [len(result["rows"][0]["seconds"][side]) for side in "AB"] == [2, 2]
+    assert f"image sizes varying from {SIZE_SPREAD} x {HEIGHT}x{WIDTH} to {HEIGHT}x{WIDTH}, new each turn" in ab_table(result)
+
+
 def test_ab_prints_both_sides_the_ratio_and_the_cpu(benchmark, capsys):
     argv = ["--config-file", str(DEMO_CONFIG), "--device", "cpu", "--image-size", str(HEIGHT), str(WIDTH),
             "--batch-sizes", "1", "--repeats", "2", "--warmup", "1",
@@ -237,6 +274,7 @@ def test_ab_prints_both_sides_the_ratio_and_the_cpu(benchmark, capsys):
     (["", "TEST.PRECISION float16"], [], "error: --ab side B 'TEST.PRECISION float16': TEST.PRECISION must be one of"),
     (["", ""], ["--scaling"], "error: --ab times one config's two sides: it does not go with --scaling"),
     (["", ""], ["--ab-step", "training", "--dtype", "bf16"], "error: --dtype is for inference"),
+    (["", ""], ["--ab-sizes", "varying"], "error: --ab-sizes varying is for --ab-step training"),
 ])
 def test_ab_bad_input_is_one_error_line(benchmark, capsys, ab, extra, message):
     argv = ["--config-file", str(DEMO_CONFIG), "--device", "cpu", "--image-size", str(HEIGHT), str(WIDTH),

@@ -260,22 +260,24 @@ def test_demo_onnx_draws_detections_in_the_original_image(demo_export, dense_exp
 
 
 def test_demo_onnx_says_when_the_export_size_is_not_the_configs_test_size(demo_export, tmp_path, capsys):
-    """demo.yaml tests at a short side of 192 (long side at most 320), which makes a 64x96 image 192x288: the
-    graph sees objects at a third of the scale. An export whose size the test resize keeps says nothing."""
+    """demo.yaml tests at a short side of 224 (long side at most 320, sides in multiples of 32), which makes a 64x96
+    image 224x320: the graph sees objects at under a third of the scale. An export whose size the test resize
+    keeps says nothing."""
     image = tmp_path / "a.png"
     cv2.imwrite(str(image), (np.random.default_rng(0).random((HEIGHT, WIDTH, 3)) * 255).astype(np.uint8))
     graph = onnx.load(str(demo_export["onnx"]))
     meta = {p.key: p.value for p in graph.metadata_props}
-    assert (meta["sparse_detr.min_size_test"], meta["sparse_detr.max_size_test"]) == ("192", "320")
+    assert (meta["sparse_detr.min_size_test"], meta["sparse_detr.max_size_test"]) == ("224", "320")
+    assert meta["sparse_detr.side_multiple"] == "32"
     args = ["--input", str(image), "--output", str(tmp_path / "out") + "/"]
     assert demo.main(["--onnx", str(demo_export["onnx"]), *args]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     said = [line for line in lines if "tests at a short side" in line]
     assert said == [lines[0]], "one line, at start-up"
-    assert said[0].endswith("model.onnx takes 64x96 images, but its config (demo.yaml) tests at a short side of 192 "
-                            "(long side at most 320: 64x96 becomes 192x288): images are scaled to 64x96 here, so the "
-                            "detections differ from evaluation's and demo.py --config-file's; export at 192x288 for "
-                            "the same")
+    assert said[0].endswith("model.onnx takes 64x96 images, but its config (demo.yaml) tests at a short side of 224 "
+                            "(long side at most 320, sides rounded to multiples of 32: 64x96 becomes 224x320): images "
+                            "are scaled to 64x96 here, so the detections differ from evaluation's and demo.py "
+                            "--config-file's; export at 224x320 for the same")
 
     for prop in graph.metadata_props:
         prop.value = {"sparse_detr.min_size_test": "64", "sparse_detr.max_size_test": "100"}.get(prop.key, prop.value)

@@ -87,6 +87,21 @@ def test_predictor_is_a_drop_in_for_default_predictor(weights, input_format):
     assert_same_instances(SparseDETRPredictor(fast)(image)["instances"], expected, score_atol=1e-5, box_atol=1e-3)
 
 
+def test_predictor_rounds_the_sides_as_evaluation_and_reports_in_the_images_own_size(weights):
+    cfg = config(weights, PRECISION="float32")
+    cfg.INPUT.SIDE_MULTIPLE = 32
+    predictor = SparseDETRPredictor(cfg)
+    model_input = predictor.preprocess(bgr_image())  # 60 x 80 -> 64 x 85 -> 64 x 96
+    assert tuple(model_input["image"].shape) == (3, 64, 96) and (model_input["height"], model_input["width"]) == (60, 80)
+    instances = predictor(bgr_image())["instances"]
+    assert instances.image_size == (60, 80) and len(instances) > 0
+    boxes = instances.pred_boxes.tensor
+    assert (boxes >= 0).all() and (boxes[:, 0::2] <= 80).all() and (boxes[:, 1::2] <= 60).all()
+    # the boxes the model gives in its 64 x 96 input's coordinates, each axis scaled back on its own
+    in_input = predictor.model([dict(model_input, height=64, width=96)])[0]["instances"].pred_boxes.tensor
+    torch.testing.assert_close(boxes, in_input * torch.tensor([80 / 96, 60 / 64] * 2), rtol=0, atol=1e-4)
+
+
 def test_predictor_names_an_image_too_thin_to_resize(weights):
     predictor = SparseDETRPredictor(config(weights))
     with pytest.raises(ValueError, match="the 1x2000 image has a zero side once resized"):

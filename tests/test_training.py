@@ -15,7 +15,8 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import sparse_detr
-from sparse_detr.dataset_mapper import DetrDatasetMapper
+from sparse_detr.cli import load_config
+from sparse_detr.dataset_mapper import DetrDatasetMapper, ResizeToMultiple
 from sparse_detr.engine import ResumableTrainLoader, channels_last_backbone, gradients_in_parameter_strides
 from sparse_detr.output_dir import LOCK_NAME, OutputDirLock
 from sparse_detr.solver import KeyOrigin, build_optimizer, settle_schedule
@@ -69,7 +70,7 @@ def _record(tmp_path, boxes, size=(120, 160)):
 
 def test_mapper_keeps_boxes_inside_images_through_every_augmentation(tmp_path):
     cfg = demo_cfg("INPUT.CROP.ENABLED", "True", "INPUT.CROP.SIZE", "(40, 80)", "INPUT.CROP_PRE_RESIZE", "(100,)",
-                   "INPUT.MIN_SIZE_TRAIN", "(64, 96)", "INPUT.MAX_SIZE_TRAIN", "200")
+                   "INPUT.MIN_SIZE_TRAIN", "(64, 96)", "INPUT.MAX_SIZE_TRAIN", "200", "INPUT.SIDE_MULTIPLE", "0")
     mapper = DetrDatasetMapper(cfg, is_train=True)
     record = _record(tmp_path, [[5, 5, 30, 40], [100, 60, 159, 119], [60, 10, 90, 30]])
     counts = set()
@@ -84,6 +85,39 @@ def test_mapper_keeps_boxes_inside_images_through_every_augmentation(tmp_path):
         assert min(h, w) in (64, 96) or max(h, w) == 200
         counts.add(len(boxes))
     assert len(counts) > 1 and max(counts) == 3, "some crops drop boxes, others keep all of them"
+
+
+def test_images_get_sides_in_multiples_and_their_boxes_follow(tmp_path):
+    rounding = ResizeToMultiple(32)
+    assert [rounding.nearest(side) for side in (1, 15, 16, 47, 48, 100, 133, 224)] == [32, 32, 32, 32, 64, 96, 128, 224]
+    assert type(rounding.get_transform(np.zeros((64, 96, 3), np.uint8))).__name__ == "NoOpTransform"
+    with pytest.raises(ValueError, match="positive number of pixels, got 0"):
+        ResizeToMultiple(0)
+
+    boxes = np.array([[5, 5, 30, 40], [100, 60, 159, 119]], np.float32)
+    record = _record(tmp_path, boxes.tolist())  # 120 x 160
+    cfg = demo_cfg("INPUT.MIN_SIZE_TRAIN", "(100, 150)", "INPUT.MAX_SIZE_TRAIN", "1000", "INPUT.SIDE_MULTIPLE", "32",
+                   "INPUT.MIN_SIZE_TEST", "100", "INPUT.MAX_SIZE_TEST", "1000")
+    mapper = DetrDatasetMapper(cfg, is_train=True)
+    sizes = set()
+    for seed in range(12):
+        np.random.seed(seed)
+        out = mapper(dict(record))
+        h, w = out["image"].shape[1:]
+        sizes.add((h, w))
+        # 100 x 133 -> 96 x 128, 150 x 200 -> 160 x 192: each side on its own, the boxes scaled with it
+        scaled = boxes * np.array([w / 160, h / 120] * 2, np.float32)
+        mirrored = scaled.copy()
+        mirrored[:, [0, 2]] = w - scaled[:, [2, 0]]
+        got = out["instances"].gt_boxes.tensor.numpy()
+        assert np.allclose(got, scaled, atol=1e-3) or np.allclose(got, mirrored, atol=1e-3)
+    assert sizes == {(96, 128), (160, 192)}
+    # evaluation rounds its resize alike (100 x 133 -> 96 x 128); without a multiple it keeps the exact one
+    assert tuple(DetrDatasetMapper(cfg, is_train=False)(dict(record))["image"].shape[1:]) == (96, 128)
+    cfg.INPUT.SIDE_MULTIPLE = 0
+    assert tuple(DetrDatasetMapper(cfg, is_train=False)(dict(record))["image"].shape[1:]) == (100, 133)
+    with pytest.raises(ValueError, match="INPUT.SIDE_MULTIPLE is a number of pixels \\(0: off\\), got -1"):
+        load_config(DEMO_CONFIG, ["INPUT.SIDE_MULTIPLE", "-1"])
 
 
 def test_mapper_keeps_images_without_objects_and_skips_unreadable_ones(tmp_path, caplog):

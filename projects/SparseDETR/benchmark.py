@@ -54,7 +54,9 @@ on the same inputs in the same run: the warm-up runs of A, then those of B, then
 A, B, A, B, ... ``--ab-step inference`` (default) times the evaluation path at each of ``--batch-sizes`` on copies
 of one random image; ``--ab-step training`` times one training iteration (forward, loss, backward, optimizer
 step, as train_net.py's trainer runs it) on one fixed batch of ``--batch-sizes`` random images of
-``--image-size`` with random boxes, each side's k-th turn seeded alike. Printed: each side's overrides and path,
+``--image-size`` with random boxes, each side's k-th turn seeded alike; ``--ab-sizes varying`` gives each turn a
+batch of its own, as a training loader does, each image's sides drawn from 0.7-1 x ``--image-size`` (the same
+draws for both sides, each rounding them to its ``INPUT.SIDE_MULTIPLE``). Printed: each side's overrides and path,
 the median of its turns, B's median over A's (A's speed-up over B) with the range of the per-turn ratios, and
 the CPU (model name, native bf16 through AMX / AVX512-BF16).
 
@@ -75,7 +77,7 @@ from tqdm import tqdm
 from sparse_detr.benchmark import (CLOCKS, DTYPES, SCALING_ASPECT, SCALING_CONFIGS, Timing, ab_benchmark, ab_table,
                                    all_configs, benchmark_config, comparison_table, markdown_table, scaling_study,
                                    scaling_table)
-from sparse_detr.benchmark.ab import STEPS
+from sparse_detr.benchmark.ab import SIZES, STEPS
 from sparse_detr.benchmark.models import device_name
 from sparse_detr.benchmark.scaling import SCALING_SHORT_SIDES
 from sparse_detr.cli import CONFIG_DIR, reports_user_errors, resolve_config_file
@@ -98,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "each a quoted string of KEY VALUE overrides (\"\" for none)")
     parser.add_argument("--ab-step", default="inference", choices=STEPS,
                         help="what --ab times: the evaluation path, or one training iteration")
+    parser.add_argument("--ab-sizes", default="fixed", choices=SIZES,
+                        help="--ab-step training: one batch of --image-size images for every turn, or a batch of "
+                             "its own each turn, every image of a size drawn from 0.7-1 x --image-size (rounded "
+                             "to each side's INPUT.SIDE_MULTIPLE), as a training loader gives")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
                         help="bf16 / fp16 run the timed inference under torch.autocast")
@@ -182,6 +188,8 @@ def check_arguments(args) -> None:
                                                ("--compare-plain", args.compare_plain)) if given]
         if others:
             raise ValueError(f"--ab times one config's two sides: it does not go with {', '.join(others)}")
+        if args.ab_sizes != "fixed" and args.ab_step != "training":
+            raise ValueError("--ab-sizes varying is for --ab-step training (inference times one image size)")
         if args.ab_step == "training" and args.dtype != "fp32":
             raise ValueError("--dtype is for inference: train in mixed precision through an --ab override "
                              "(SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION bfloat16)")
@@ -230,7 +238,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(configs) != 1:
         raise ValueError("give one --config-file (or --all / --scaling for several)")
     if args.ab is not None:
-        result = ab_benchmark(configs[0], tuple(args.ab), args.opts, timing, step=args.ab_step, **settings)
+        result = ab_benchmark(configs[0], tuple(args.ab), args.opts, timing, step=args.ab_step, sizes=args.ab_sizes,
+                              **settings)
         print(json.dumps({"ab": result}) if args.json else ab_table(result))
         return 0
     result = benchmark_config(configs[0], args.opts, timing, flops=not args.skip_flops, speed=not args.skip_fps,

@@ -38,6 +38,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from sparse_detr.cli import check_weights_file, load_config, reports_user_errors
+from sparse_detr.dataset_mapper import ResizeToMultiple
 from sparse_detr.deploy import INPUT_NAME, OUTPUT_NAMES
 from sparse_detr.predictor import SparseDETRPredictor
 from sparse_detr.transformer import TransformerOutput
@@ -126,13 +127,18 @@ class OnnxPredictor:
         if "sparse_detr.min_size_test" not in meta:  # an export of an earlier export.py
             return
         short, longest = int(meta["sparse_detr.min_size_test"]), int(meta["sparse_detr.max_size_test"])
+        multiple = int(meta.get("sparse_detr.side_multiple", 0))
         tested = T.ResizeShortestEdge.get_output_shape(self.height, self.width, short, longest)
+        rounded = ""
+        if multiple:
+            tested = tuple(ResizeToMultiple(multiple).nearest(side) for side in tested)
+            rounded = f", sides rounded to multiples of {multiple}"
         if tested != (self.height, self.width):
             logger.warning("%s takes %dx%d images, but its config (%s) tests at a short side of %d (long side at most "
-                           "%d: %dx%d becomes %dx%d): images are scaled to %dx%d here, so the detections differ from "
+                           "%d%s: %dx%d becomes %dx%d): images are scaled to %dx%d here, so the detections differ from "
                            "evaluation's and demo.py --config-file's; export at %dx%d for the same", name, self.height,
-                           self.width, meta.get("sparse_detr.config", "?"), short, longest, self.height, self.width,
-                           *tested, self.height, self.width, *tested)
+                           self.width, meta.get("sparse_detr.config", "?"), short, longest, rounded, self.height,
+                           self.width, *tested, self.height, self.width, *tested)
 
     def _check_signature(self, onnx_path: str):
         """(H, W) of the model's input; a ValueError when the file is not a fixed-size export.py model."""

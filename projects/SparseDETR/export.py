@@ -161,6 +161,7 @@ def onnx_metadata(cfg, config_file: Path, args) -> Dict[str, str]:
             "sparse_detr.input_size": f"{args.height}x{args.width}", "sparse_detr.sampler": args.sampler,
             "sparse_detr.min_size_test": str(cfg.INPUT.MIN_SIZE_TEST),
             "sparse_detr.max_size_test": str(cfg.INPUT.MAX_SIZE_TEST),
+            "sparse_detr.side_multiple": str(cfg.INPUT.SIDE_MULTIPLE),
             "sparse_detr.pixel_mean": json.dumps(list(cfg.MODEL.PIXEL_MEAN)),
             "sparse_detr.confidence_threshold": str(cfg.TEST.CONFIDENCE_THRESHOLD),
             "sparse_detr.thing_classes": json.dumps(class_names(cfg))}

@@ -212,6 +212,9 @@ def check_config(cfg: CfgNode, world_size: int = 1) -> None:
     for key in ("SOLVER", "TEST"):
         if cfg[key].IMS_PER_BATCH < 1:
             raise ValueError(f"{key}.IMS_PER_BATCH must be at least 1, got {cfg[key].IMS_PER_BATCH}")
+    if cfg.INPUT.SIDE_MULTIPLE < 0:
+        raise ValueError(f"INPUT.SIDE_MULTIPLE is a number of pixels (0: off), got "
+                         f"{cfg.INPUT.SIDE_MULTIPLE}")
     batch = cfg.SOLVER.IMS_PER_BATCH
     if batch % world_size:
         raise ValueError(f"SOLVER.IMS_PER_BATCH {batch} is not divisible by the {world_size} processes "

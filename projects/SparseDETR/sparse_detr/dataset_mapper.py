@@ -7,7 +7,7 @@ import numpy as np
 from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
 
-__all__ = ["RandomChoice", "build_detr_augmentation", "DetrDatasetMapper"]
+__all__ = ["RandomChoice", "ResizeToMultiple", "build_detr_augmentation", "DetrDatasetMapper", "side_rounding"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,17 +23,44 @@ class RandomChoice(T.Augmentation):
         return self.choices[np.random.randint(len(self.choices))](aug_input)
 
 
+class ResizeToMultiple(T.Augmentation):
+    """Resize to the nearest height and width that are multiples of ``multiple`` (at least one multiple)."""
+
+    def __init__(self, multiple: int):
+        super().__init__()
+        if multiple < 1:
+            raise ValueError(f"the side multiple must be a positive number of pixels, got {multiple}")
+        self.multiple = multiple
+
+    def nearest(self, side: int) -> int:
+        return max(self.multiple, int(side / self.multiple + 0.5) * self.multiple)
+
+    def get_transform(self, image) -> T.Transform:
+        height, width = image.shape[:2]
+        new_height, new_width = self.nearest(height), self.nearest(width)
+        if (new_height, new_width) == (height, width):
+            return T.NoOpTransform()
+        return T.ResizeTransform(height, width, new_height, new_width)
+
+
+def side_rounding(cfg) -> List[T.Augmentation]:
+    """``[ResizeToMultiple(INPUT.SIDE_MULTIPLE)]``, the last step of training's and evaluation's resize; ``[]`` at 0."""
+    return [ResizeToMultiple(cfg.INPUT.SIDE_MULTIPLE)] if cfg.INPUT.SIDE_MULTIPLE else []
+
+
 def build_detr_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
     """Train: horizontal flip, then either a multi-scale resize or (resize to 400/500/600, random crop with
-    sides in INPUT.CROP.SIZE, multi-scale resize), each with probability 1/2. Test: shorter side MIN_SIZE_TEST."""
+    sides in INPUT.CROP.SIZE, multi-scale resize), each with probability 1/2. Test: shorter side MIN_SIZE_TEST.
+    Both then round the sides to multiples of INPUT.SIDE_MULTIPLE when it is set."""
+    rounding = side_rounding(cfg)
     if not is_train:
-        return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
+        return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST), *rounding]
     resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)
     if not cfg.INPUT.CROP.ENABLED:
-        return [T.RandomFlip(), resize]
+        return [T.RandomFlip(), resize, *rounding]
     crop_branch = [T.ResizeShortestEdge(cfg.INPUT.CROP_PRE_RESIZE, sample_style="choice"),
                    T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE), resize]
-    return [T.RandomFlip(), RandomChoice([[resize], crop_branch])]
+    return [T.RandomFlip(), RandomChoice([[resize], crop_branch]), *rounding]
 
 
 class DetrDatasetMapper(DatasetMapper):

@@ -9,6 +9,7 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
 from .checkpoint import SparseDETRCheckpointer
+from .dataset_mapper import side_rounding
 from .inference import build_inference_model
 
 __all__ = ["SparseDETRPredictor"]
@@ -21,7 +22,8 @@ class SparseDETRPredictor:
 
     ``predictor = SparseDETRPredictor(cfg)`` builds the model, loads ``MODEL.WEIGHTS`` and keeps the config's
     test resize; ``predictor(image)`` takes one (H, W, 3) uint8 image in BGR order (as ``cv2.imread`` reads it),
-    converts it to ``INPUT.FORMAT``, resizes it by ``INPUT.{MIN,MAX}_SIZE_TEST`` and returns the model's output
+    converts it to ``INPUT.FORMAT``, resizes it by ``INPUT.{MIN,MAX}_SIZE_TEST`` (then to sides in multiples of
+    ``INPUT.SIDE_MULTIPLE`` when set, as evaluation's mapper does) and returns the model's output
     for it, ``{"instances": Instances}`` in the image's own H x W (and the DAM recall's masses of a sparse model,
     as in evaluation). Attributes: ``cfg``, ``model``, ``aug``, ``input_format``, and ``metadata`` when the config
     names a test dataset.
@@ -45,6 +47,7 @@ class SparseDETRPredictor:
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
         self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
+        self.rounding = side_rounding(self.cfg)
         self.input_format = self.cfg.INPUT.FORMAT
 
     def preprocess(self, original_image: np.ndarray, name: str = "the image") -> Dict:
@@ -57,6 +60,8 @@ class SparseDETRPredictor:
             raise ValueError(f"{name}: the {height}x{width} image has a zero side once resized to the test size "
                              f"(INPUT.MIN_SIZE_TEST, MAX_SIZE_TEST): {resize.new_h}x{resize.new_w}; it is too thin")
         resized = resize.apply_image(image)
+        for augmentation in self.rounding:
+            resized = augmentation.get_transform(resized).apply_image(resized)
         return {"image": torch.as_tensor(resized.astype("float32").transpose(2, 0, 1)), "height": height,
                 "width": width}
 

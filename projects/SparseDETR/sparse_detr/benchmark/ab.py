@@ -10,7 +10,10 @@ turns, A, B, A, B, ..., so that a busy spell of a shared machine slows both alik
 * ``training``: one iteration of Detectron2's trainer, as ``train_net.py`` builds it (forward, loss, backward,
   optimizer step; ``SimpleTrainer``, or ``MixedPrecisionTrainer`` with ``SOLVER.AMP.ENABLED``; the backbone
   channels-last on the CPU), on one fixed batch of random images with random ground truth; each side's k-th
-  turn starts from the same torch seed, so that dropout draws alike.
+  turn starts from the same torch seed, so that dropout draws alike. With ``sizes="varying"`` each turn
+  takes a batch of its own, as a training loader gives: every image's height and width drawn from
+  [SIZE_SPREAD, 1] x the image size, the same draws for both sides, each side rounding them to its
+  ``INPUT.SIDE_MULTIPLE`` as its data mapper would (a new shape costs oneDNN a kernel generation).
 
 Each side's median over its turns gives the ratio ``b_over_a`` = median(B) / median(A): A's speed-up over B
 (above 1 when A is faster). Its spread is the range of the per-turn ratios b_k / a_k, each taken from two
@@ -23,7 +26,7 @@ import statistics
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -32,6 +35,7 @@ from detectron2.engine import SimpleTrainer
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
+from ..dataset_mapper import ResizeToMultiple
 from ..engine import MixedPrecisionTrainer, channels_last_backbone, stream_seed
 from ..inference import cpu_description
 from ..solver import build_optimizer
@@ -39,13 +43,15 @@ from .models import build_benchmark_model, device_name, evaluation_path, random_
 from .tables import cpu_line
 from .timing import Timing, image_batch, precision, take_turns
 
-__all__ = ["STEPS", "Ratio", "Run", "Side", "ab_benchmark", "ab_ratio", "ab_runs", "ab_table", "build_side",
-           "parse_overrides", "training_batch"]
+__all__ = ["SIZES", "STEPS", "Ratio", "Run", "Side", "ab_benchmark", "ab_ratio", "ab_runs", "ab_table",
+           "build_side", "parse_overrides", "training_batch", "training_batches", "turn_image_sizes"]
 
 logger = logging.getLogger(__name__)
 
 STEPS = ("inference", "training")
+SIZES = ("fixed", "varying")  # training: one batch for every turn, or a batch of images of new sizes each turn
 BOXES_PER_IMAGE = 5  # ground truth of each training image
+SIZE_SPREAD = 0.7  # varying sizes: each side drawn uniformly from [SIZE_SPREAD, 1] x the image size's
 
 
 class Side(NamedTuple):
@@ -103,12 +109,20 @@ def build_side(config_file: Path, opts: Sequence[str], label: str, text: str, nu
     return Side(label, overrides, cfg, model)
 
 
-def training_batch(image_size: Tuple[int, int], batch_size: int, num_classes: int, seed: int) -> List[Dict]:
-    """``batch_size`` random (3, H, W) images, each with :data:`BOXES_PER_IMAGE` random boxes and classes."""
-    height, width = image_size
+def turn_image_sizes(image_size: Tuple[int, int], batch_size: int, seed: int) -> List[Tuple[int, int]]:
+    """``batch_size`` (h, w), each side drawn uniformly from [:data:`SIZE_SPREAD`, 1] x ``image_size``'s."""
+    fractions = SIZE_SPREAD + (1 - SIZE_SPREAD) * torch.rand((batch_size, 2), generator=torch.Generator().manual_seed(seed))
+    return [(max(1, round(image_size[0] * a)), max(1, round(image_size[1] * b))) for a, b in fractions.tolist()]
+
+
+def training_batch(image_size: Tuple[int, int], batch_size: int, num_classes: int, seed: int,
+                   sizes: Optional[Sequence[Tuple[int, int]]] = None) -> List[Dict]:
+    """``batch_size`` random (3, H, W) images, each with :data:`BOXES_PER_IMAGE` random boxes and classes;
+    ``sizes`` gives each image its own (H, W) instead of ``image_size``."""
     generator = torch.Generator().manual_seed(seed)
     batch = []
     for index in range(batch_size):
+        height, width = sizes[index] if sizes is not None else image_size
         corner = torch.rand((BOXES_PER_IMAGE, 2), generator=generator) * 0.5
         size = 0.05 + torch.rand((BOXES_PER_IMAGE, 2), generator=generator) * 0.45
         instances = Instances((height, width))
@@ -124,10 +138,29 @@ def _inference_run(side: Side, batched_inputs: List[Dict], device: torch.device)
     return Run(partial(path.module, batched_inputs), path.label)
 
 
-def _training_run(side: Side, batch: List[Dict], device: torch.device, seed: int) -> Run:
+def training_batches(side: Side, image_size: Tuple[int, int], batch_size: int, num_classes: int, seed: int,
+                      sizes: str, turns: int, device: torch.device) -> Iterator[List[Dict]]:
+    """What the side's trainer loads: one batch again and again, or ``turns`` batches of varying sizes in a cycle."""
+    def on_device(batch):
+        return [{**item, "image": item["image"].to(device), "instances": item["instances"].to(device)}
+                for item in batch]
+
+    if sizes == "fixed":
+        return itertools.repeat(on_device(training_batch(image_size, batch_size, num_classes, seed)))
+    multiple = side.cfg.INPUT.SIDE_MULTIPLE
+    rounded = ResizeToMultiple(multiple).nearest if multiple else (lambda side_length: side_length)
+    batches = []
+    for turn in range(turns):
+        turn_seed = stream_seed(seed, turn)
+        drawn = [(rounded(h), rounded(w)) for h, w in turn_image_sizes(image_size, batch_size, turn_seed)]
+        batches.append(on_device(training_batch(image_size, batch_size, num_classes, turn_seed, drawn)))
+    return itertools.cycle(batches)
+
+
+def _training_run(side: Side, batches: Iterator[List[Dict]], device: torch.device, seed: int) -> Run:
     cfg = side.cfg
     model = channels_last_backbone(side.model.to(device).train())
-    loader = itertools.repeat(batch)
+    loader = batches
     optimizer = build_optimizer(cfg, model)
     if cfg.SOLVER.AMP.ENABLED:
         trainer = MixedPrecisionTrainer(model, loader, optimizer, precision=getattr(torch, cfg.SOLVER.AMP.PRECISION))
@@ -145,16 +178,19 @@ def _training_run(side: Side, batch: List[Dict], device: torch.device, seed: int
 
 
 def ab_runs(sides: Sequence[Side], step: str, image_size: Tuple[int, int], batch_size: int, device: torch.device,
-            seed: int = 0) -> Dict[str, Run]:
-    """Each side's ``step``, by label; every side gets the same inputs."""
+            seed: int = 0, sizes: str = "fixed", turns: int = 1) -> Dict[str, Run]:
+    """Each side's ``step``, by label; every side gets the same inputs (``sizes``, ``turns``: see the module)."""
+    if sizes not in SIZES:
+        raise ValueError(f"the A/B image sizes are one of {SIZES}, got {sizes!r}")
     if step == "inference":
         batched_inputs = image_batch(random_image(*image_size, seed).to(device), batch_size)
         make = partial(_inference_run, batched_inputs=batched_inputs, device=device)
     elif step == "training":
         num_classes = min(side.cfg.MODEL.SPARSE_DETR.NUM_CLASSES for side in sides)
-        batch = [{**item, "image": item["image"].to(device), "instances": item["instances"].to(device)}
-                 for item in training_batch(image_size, batch_size, num_classes, seed)]
-        make = partial(_training_run, batch=batch, device=device, seed=seed)
+
+        def make(side):
+            batches = training_batches(side, image_size, batch_size, num_classes, seed, sizes, turns, device)
+            return _training_run(side, batches, device, seed)
     else:
         raise ValueError(f"the A/B step is one of {STEPS}, got {step!r}")
     runs = {}
@@ -175,17 +211,19 @@ def ab_ratio(seconds_a: Sequence[float], seconds_b: Sequence[float]) -> Ratio:
 
 def ab_benchmark(config_file: Path, overrides: Tuple[str, str], opts: Sequence[str], timing: Timing, *,
                  step: str = "inference", num_classes: Optional[int] = None,
-                 image_size: Tuple[int, int] = (850, 1040), batch_sizes: Sequence[int] = (1,), seed: int = 0) -> Dict:
+                 image_size: Tuple[int, int] = (850, 1040), batch_sizes: Sequence[int] = (1,), seed: int = 0,
+                 sizes: str = "fixed") -> Dict:
     """Time ``step`` of side A (``opts`` + ``overrides[0]``) against side B (``opts`` + ``overrides[1]``) at each
     batch size, turns interleaved; the object ``--json`` prints (see the module docstring)."""
     sides = [build_side(config_file, opts, label, text, num_classes, seed) for label, text in zip("AB", overrides)]
     device = timing.device
-    result = {"config": config_file.name, "step": step, "image_size": list(image_size), "device": device.type,
+    result = {"config": config_file.name, "step": step, "image_size": list(image_size), "sizes": sizes,
+              "device": device.type,
               "device_name": device_name(device.type, timing.clock), "threads": torch.get_num_threads(),
               "cpu": cpu_description(), "dtype": timing.dtype, "warmup": timing.warmup, "turns": timing.repeats,
               "sides": {side.label: {"overrides": side.overrides} for side in sides}, "rows": []}
     for batch_size in batch_sizes:
-        runs = ab_runs(sides, step, image_size, batch_size, device, seed)
+        runs = ab_runs(sides, step, image_size, batch_size, device, seed, sizes, timing.warmup + timing.repeats)
         for label, run in runs.items():
             result["sides"][label]["path"] = run.path
         with ExitStack() as stack:
@@ -207,7 +245,10 @@ def ab_benchmark(config_file: Path, overrides: Tuple[str, str], opts: Sequence[s
 def ab_table(result: Dict) -> str:
     """The A/B result as a heading, the two sides, a markdown table with a row per batch size, and the CPU."""
     a, b = result["sides"]["A"], result["sides"]["B"]
-    lines = [f"A/B {result['step']} of {result['config']}, image {result['image_size'][0]}x{result['image_size'][1]}, "
+    size = f"{result['image_size'][0]}x{result['image_size'][1]}"
+    if result.get("sizes") == "varying":
+        size = f"sizes varying from {SIZE_SPREAD} x {size} to {size}, new each turn"
+    lines = [f"A/B {result['step']} of {result['config']}, image {size}, "
              f"{result['device_name']}: {result['turns']} turns of each, interleaved, after {result['warmup']} "
              f"warm-up run{'' if result['warmup'] == 1 else 's'} of each.",
              "",
