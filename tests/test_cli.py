@@ -88,7 +88,7 @@ def test_copied_config_finds_its_base_among_the_projects_configs(tmp_path):
 def test_a_bare_config_name_is_found_among_the_projects_configs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no demo.yaml here
     cfg = load_config("demo.yaml")
-    assert cfg.MODEL.SPARSE_DETR.NUM_CLASSES == 5 and cfg.TEST.CONFIDENCE_THRESHOLD == 0.33
+    assert cfg.MODEL.SPARSE_DETR.NUM_CLASSES == 5 and cfg.TEST.CONFIDENCE_THRESHOLD == 0.35
     with pytest.raises(FileNotFoundError, match="config file 'nothing.yaml' does not exist \\(nor is it one of the "
                                                 "project's configs"):
         load_config("nothing.yaml")

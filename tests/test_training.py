@@ -571,3 +571,16 @@ def test_no_known_harmless_warning_is_shown(own_dataset_run):
     out, result = own_dataset_run
     assert result.stderr.strip() == "", result.stderr[-3000:]
     assert "not built correctly" not in (out / "log.txt").read_text()
+
+
+def test_make_demo_trains_in_two_processes_where_the_machine_has_two_cores():
+    def train_command(*variables):
+        run = subprocess.run(["make", "-n", "demo", *variables], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        return next(line for line in run.stdout.splitlines() if "train_net.py" in line)
+
+    processes = 2 if len(os.sched_getaffinity(0)) >= 2 else 1
+    assert f"train_net.py --num-gpus {processes} --resume --config-file {os.path.relpath(DEMO_CONFIG, ROOT)}" in (
+        train_command())
+    assert "OMP_NUM_THREADS" not in train_command(), "each process takes its share of the cores (train_net.py)"
+    assert "--num-gpus 1 " in train_command("DEMO_PROCESSES=1")

@@ -37,7 +37,8 @@ def markdown_table(results: List[Dict]) -> str:
 
 def cpu_line(cpu: Dict) -> str:
     """:func:`sparse_detr.inference.cpu_description` and the thread count, in one sentence."""
-    return (f"{cpu['model']} at {cpu['mhz']} MHz, {torch.get_num_threads()} threads; native bf16: "
+    threads = torch.get_num_threads()
+    return (f"{cpu['model']} at {cpu['mhz']} MHz, {threads} thread{'' if threads == 1 else 's'}; native bf16: "
             f"{'yes' if cpu['native_bf16'] else 'no'} (amx_bf16 {cpu['amx_bf16']}, avx512_bf16 {cpu['avx512_bf16']}).")
 
 
