@@ -18,6 +18,7 @@ from detectron2.utils.events import EventStorage
 from fvcore.nn import FlopCountAnalysis
 
 from sparse_detr.benchmark import Timing, ab_table, scaling_study, scaling_table
+from sparse_detr.layers import ms_deform_attn
 from sparse_detr.benchmark.ab import (SIZE_SPREAD, Ratio, ab_ratio, ab_runs, build_side, training_batch,
                                      training_batches, turn_image_sizes)
 from sparse_detr.benchmark.counts import encoder_auxiliary_heads, trainable_parameters
@@ -182,6 +183,32 @@ def test_ab_inference_sides_run_their_own_paths_on_the_same_images():
         assert a.image_size == b.image_size == (HEIGHT, WIDTH)
         assert torch.equal(a.pred_classes, b.pred_classes)
         torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-5)
+
+
+def test_an_ab_side_can_be_the_authors_code_path_with_the_pytorch_attention():
+    sides = [build_side(DEMO_CONFIG, TINY_DEMO, label, text)
+             for label, text in (("A", "TEST.PRECISION float32"), ("B", "TEST.FAST_INFERENCE False MS_DEFORM_ATTN pytorch"))]
+    assert (sides[0].attention, sides[1].attention) == (None, "pytorch")
+    assert sides[1].overrides == ["TEST.FAST_INFERENCE", "False", "MS_DEFORM_ATTN", "pytorch"]
+    assert not sides[1].cfg.TEST.FAST_INFERENCE
+    runs = ab_runs(sides, "inference", (HEIGHT, WIDTH), batch_size=1, device=torch.device("cpu"))
+    assert {label: run.path for label, run in runs.items()} == {"A": "fast, float32", "B": "plain, pytorch attention"}
+    seen = []
+    original = ms_deform_attn._pytorch_forward
+    with pytest.MonkeyPatch.context() as patch:  # count the PyTorch implementation's calls
+        patch.setattr(ms_deform_attn, "_pytorch_forward",
+                      lambda *args, **kwargs: seen.append(1) or original(*args, **kwargs))
+        before = os.environ.get(ms_deform_attn.IMPLEMENTATION_VARIABLE)
+        with torch.no_grad():
+            fast, authors = (runs[label].call() for label in "AB")
+        assert os.environ.get(ms_deform_attn.IMPLEMENTATION_VARIABLE) == before, "set around B's call only"
+    assert len(seen) == 2, "B's encoder and decoder layers (one each) ran the PyTorch attention, A's none"
+    a, b = fast[0]["instances"], authors[0]["instances"]
+    assert torch.equal(a.pred_classes, b.pred_classes)
+    torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="--ab side A 'MS_DEFORM_ATTN fast': MS_DEFORM_ATTN is one of auto, pytorch, "
+                                         "compiled, got 'fast'"):
+        build_side(DEMO_CONFIG, TINY_DEMO, "A", "MS_DEFORM_ATTN fast")
 
 
 def test_ab_training_sides_train_alike_on_the_same_batch_with_the_same_seeds():

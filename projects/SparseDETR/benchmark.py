@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time encoder and total inference against the input's shorter side, write a PNG")
     parser.add_argument("--ab", nargs=2, metavar=("A", "B"), default=None,
                         help="time two configurations of the --config-file in the same run, turns interleaved: "
-                             "each a quoted string of KEY VALUE overrides (\"\" for none)")
+                             "each a quoted string of KEY VALUE overrides (\"\" for none); the side key "
+                             "MS_DEFORM_ATTN auto|pytorch|compiled picks that side's deformable attention")
     parser.add_argument("--ab-step", default="inference", choices=STEPS,
                         help="what --ab times: the evaluation path, or one training iteration")
     parser.add_argument("--ab-sizes", default="fixed", choices=SIZES,

@@ -1,6 +1,8 @@
 """A/B: two configurations of one config file timed in the same run, their turns interleaved.
 
-Side A and side B are the config file with the common overrides, then their own (``KEY VALUE ...``). Both
+Side A and side B are the config file with the common overrides, then their own (``KEY VALUE ...``); a side's
+``MS_DEFORM_ATTN auto|pytorch|compiled`` is not a config key but the deformable attention it runs
+(:data:`ATTENTION_KEY`). Both
 sides are built before anything is timed, from the same seed (the same random weights where their parameters
 agree), and take the same inputs. Each is warmed up (the warm-up runs of A, then those of B); then they take
 turns, A, B, A, B, ..., so that a busy spell of a shared machine slows both alike. The step timed is one of:
@@ -38,12 +40,13 @@ from detectron2.utils.events import EventStorage
 from ..dataset_mapper import ResizeToMultiple
 from ..engine import MixedPrecisionTrainer, channels_last_backbone, stream_seed
 from ..inference import cpu_description
+from ..layers.ms_deform_attn import IMPLEMENTATIONS, use_implementation
 from ..solver import build_optimizer
 from .models import build_benchmark_model, device_name, evaluation_path, random_image
 from .tables import cpu_line
 from .timing import Timing, image_batch, precision, take_turns
 
-__all__ = ["SIZES", "STEPS", "Ratio", "Run", "Side", "ab_benchmark", "ab_ratio", "ab_runs", "ab_table",
+__all__ = ["ATTENTION_KEY", "SIZES", "STEPS", "Ratio", "Run", "Side", "ab_benchmark", "ab_ratio", "ab_runs", "ab_table",
            "build_side", "parse_overrides", "training_batch", "training_batches", "turn_image_sizes"]
 
 logger = logging.getLogger(__name__)
@@ -54,6 +57,12 @@ BOXES_PER_IMAGE = 5  # ground truth of each training image
 SIZE_SPREAD = 0.7  # varying sizes: each side drawn uniformly from [SIZE_SPREAD, 1] x the image size's
 
 
+# Not a config key: a side's ``MS_DEFORM_ATTN pytorch|compiled|auto`` runs its step with that implementation of
+# the deformable attention ($SPARSE_DETR_MS_DEFORM_ATTN set around each of its calls), so that one side can be the
+# authors' code path: the plain model with the PyTorch attention (``TEST.FAST_INFERENCE False MS_DEFORM_ATTN pytorch``).
+ATTENTION_KEY = "MS_DEFORM_ATTN"
+
+
 class Side(NamedTuple):
     """One side of an A/B run: its overrides, config (frozen) and model (on the CPU, random weights)."""
 
@@ -61,6 +70,7 @@ class Side(NamedTuple):
     overrides: List[str]
     cfg: CfgNode
     model: torch.nn.Module
+    attention: Optional[str] = None  # the side's ATTENTION_KEY value, None for the environment's choice
 
 
 class Run(NamedTuple):
@@ -103,10 +113,27 @@ def build_side(config_file: Path, opts: Sequence[str], label: str, text: str, nu
     A bad override is a ValueError naming the side and the key.
     """
     overrides = parse_overrides(label, text)
-    torch.manual_seed(seed)
+    pairs = list(zip(overrides[0::2], overrides[1::2]))
+    attention = next((value for key, value in pairs if key == ATTENTION_KEY), None)
+    config_overrides = [item for key, value in pairs if key != ATTENTION_KEY for item in (key, value)]
     with _naming_the_side(label, text):
-        cfg, model = build_benchmark_model(config_file, [*opts, *overrides], num_classes)
-    return Side(label, overrides, cfg, model)
+        if attention is not None and attention not in IMPLEMENTATIONS:
+            raise ValueError(f"{ATTENTION_KEY} is one of {', '.join(IMPLEMENTATIONS)}, got {attention!r}")
+        torch.manual_seed(seed)
+        cfg, model = build_benchmark_model(config_file, [*opts, *config_overrides], num_classes)
+    return Side(label, overrides, cfg, model, attention)
+
+
+def _with_attention(side: Side, run: Run) -> Run:
+    """The side's run inside its attention implementation, its path label naming it."""
+    if side.attention is None:
+        return run
+
+    def call():
+        with use_implementation(side.attention):
+            return run.call()
+
+    return Run(call, f"{run.path}, {side.attention} attention")
 
 
 def turn_image_sizes(image_size: Tuple[int, int], batch_size: int, seed: int) -> List[Tuple[int, int]]:
@@ -196,7 +223,7 @@ def ab_runs(sides: Sequence[Side], step: str, image_size: Tuple[int, int], batch
     runs = {}
     for side in sides:
         with _naming_the_side(side.label, shlex.join(side.overrides)):  # values the config checks do not cover
-            runs[side.label] = make(side)
+            runs[side.label] = _with_attention(side, make(side))
     return runs
 
 
