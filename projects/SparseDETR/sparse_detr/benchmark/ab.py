@@ -184,10 +184,9 @@ def training_batches(side: Side, image_size: Tuple[int, int], batch_size: int, n
     return itertools.cycle(batches)
 
 
-def _training_run(side: Side, batches: Iterator[List[Dict]], device: torch.device, seed: int) -> Run:
+def _training_run(side: Side, loader: Iterator[List[Dict]], device: torch.device, seed: int) -> Run:
     cfg = side.cfg
     model = channels_last_backbone(side.model.to(device).train())
-    loader = batches
     optimizer = build_optimizer(cfg, model)
     if cfg.SOLVER.AMP.ENABLED:
         trainer = MixedPrecisionTrainer(model, loader, optimizer, precision=getattr(torch, cfg.SOLVER.AMP.PRECISION))
