@@ -17,7 +17,8 @@ from conftest import build_config
 from sparse_detr.inference import (FastInferenceModel, build_inference_model, fold_batch_norms, has_native_bf16,
                                    inference_precision)
 from sparse_detr.fusion import FusedConv, PackedLinear, fuse_resnet, pack_linears
-from sparse_detr.layers import MSDeformAttn
+from sparse_detr.layers import MSDeformAttn, UnprojectedValues
+from sparse_detr.transformer import SparseDeformableTransformer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -149,6 +150,59 @@ def test_folded_point_locations_equal_reference_plus_scaled_offsets(levels):
     torch.testing.assert_close(folded.output, expected.output, rtol=1e-5, atol=1e-5)
     assert folded_bf16.sampling_locations.dtype == torch.float32
     torch.testing.assert_close(folded_bf16.sampling_locations, expected.sampling_locations, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("references", [2, 4], ids=["points", "boxes"])
+def test_sampling_unprojected_values_equals_projecting_first(references):
+    """MSDeformAttn given UnprojectedValues samples the tokens and projects the samples: the same output as
+    projecting every token and zeroing the padded ones (float64, 1e-10), with padded tokens and sampling points
+    beyond the maps' edges (whose taps outside read zeros: the bias enters with the in-map taps' weight only)."""
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=2).double()
+    with torch.no_grad():
+        attn.sampling_offsets.weight.normal_(0, 2.0)  # far from the reference: many points leave the map
+        attn.attention_weights.weight.normal_(0, 1.0)
+        attn.value_proj.bias.normal_(0, 1.0)
+    shapes = torch.tensor([[9, 11], [5, 6], [3, 3]])
+    starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+    tokens = int(shapes.prod(1).sum())
+    query, value = torch.randn(2, 7, 32, dtype=torch.float64), torch.randn(2, tokens, 32, dtype=torch.float64)
+    reference = torch.rand(2, 7, 3, references, dtype=torch.float64) * 1.2 - 0.1
+    padding = torch.rand(2, tokens) < 0.3
+    with torch.no_grad():
+        for mask in (None, padding):
+            expected = attn(query, reference, value, shapes, starts, mask)
+            actual = attn(query, reference, UnprojectedValues.of(value, mask), shapes, starts, mask)
+            assert actual.sampling_locations.abs().max() > 1  # some points outside the maps
+            torch.testing.assert_close(actual.output, expected.output, rtol=1e-10, atol=1e-10)
+            assert torch.equal(actual.sampling_locations, expected.sampling_locations)
+
+
+def test_decoder_samples_first_where_that_costs_less(tiny_model, make_batch, monkeypatch):
+    """The fast path's float32 decoder samples the memory first when the rule says it costs less (at 800x1199:
+    300 queries, 20k tokens; not the sparse encoder's 2,000 queries), and still gives the plain detections
+    (scores within 1e-5) on a padded pair; the bf16 path projects first."""
+    paper = SparseDeformableTransformer(num_classes=91, rho=0.1, two_stage=True)  # the paper's dimensions
+    assert paper._cheaper_after_sampling(300, 19947)  # the decoder at 800x1199
+    assert not paper._cheaper_after_sampling(1995, 19947)  # the sparse encoder's kept tokens
+    assert not paper._cheaper_after_sampling(300, 1000)  # a small image
+    model = randomise_norms(tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32))
+    transformer = model.transformer
+    fast = FastInferenceModel(model, torch.float32)
+    assert fast.model.transformer.project_values_after_sampling and not transformer.project_values_after_sampling
+    assert not FastInferenceModel(model, torch.bfloat16).model.transformer.project_values_after_sampling
+    calls = []
+    sample_then_project = MSDeformAttn._sample_then_project
+    monkeypatch.setattr(MSDeformAttn, "_sample_then_project",
+                        lambda self, *args: calls.append(1) or sample_then_project(self, *args))
+    monkeypatch.setattr(type(transformer), "TAP_COST", 0)  # the tiny images' few tokens: sample first anyway
+    inputs = make_batch(*BATCHES[1], seed=3)
+    with torch.no_grad():
+        expected = model(inputs)
+    assert calls == []  # the plain model projects first
+    actual = fast(inputs)
+    assert len(calls) == len(transformer.decoder.layers)
+    assert_same_detections(expected, actual)
 
 
 def test_fast_sparse_encoder_reports_kept_tokens_best_first(tiny_model, make_batch):
