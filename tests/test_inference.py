@@ -14,7 +14,7 @@ from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock
 from detectron2.utils.events import EventStorage
 
 from conftest import build_config
-from sparse_detr.inference import (ContiguousGroupNorm, FastInferenceModel, build_inference_model, fold_batch_norms,
+from sparse_detr.inference import (CenteredGroupNorm, FastInferenceModel, build_inference_model, fold_batch_norms,
                                    has_native_bf16, inference_precision)
 from sparse_detr.fusion import FusedConv, PackedLinear, fuse_resnet, pack_linears
 from sparse_detr.layers import MSDeformAttn, UnprojectedValues
@@ -232,20 +232,22 @@ def test_input_projections_are_packed(tiny_model, make_batch):
     assert not any(m.fold_point_locations for m in model.modules() if isinstance(m, MSDeformAttn))
 
 
-def test_input_projections_normalise_contiguous_features(tiny_model):
-    """After the channels-last backbone, the input projections' GroupNorm normalises NCHW copies: within float32
-    rounding of float64 also for features whose mean is large against their spread (where PyTorch's channels-last
-    GroupNorm on the CPU loses digits)."""
+def test_input_projections_centre_their_group_norms(tiny_model):
+    """After the channels-last backbone, the input projections' GroupNorm subtracts each group's mean first: within
+    float32 rounding of float64 also for features whose mean is large against their spread (where PyTorch's
+    channels-last GroupNorm on the CPU loses digits), and in channels-last memory still."""
     torch.manual_seed(0)
     norm = torch.nn.GroupNorm(32, 256)
     with torch.no_grad():
         norm.weight.normal_(1, 0.2), norm.bias.normal_(0, 0.2)
     x = (torch.randn(1, 256, 13, 19) + 10).contiguous(memory_format=torch.channels_last)
     expected = torch.nn.functional.group_norm(x.double(), 32, norm.weight.double(), norm.bias.double())
-    torch.testing.assert_close(ContiguousGroupNorm.of(norm)(x).double(), expected, rtol=0, atol=1e-5)
+    actual = CenteredGroupNorm.of(norm)(x)
+    torch.testing.assert_close(actual.double(), expected, rtol=0, atol=1e-5)
+    assert actual.is_contiguous(memory_format=torch.channels_last)
     model = tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32)
     fast = FastInferenceModel(model, torch.float32)
-    assert all(type(proj[1]) is ContiguousGroupNorm for proj in fast.model.input_proj)
+    assert all(type(proj[1]) is CenteredGroupNorm for proj in fast.model.input_proj)
     assert all(type(proj[1]) is torch.nn.GroupNorm for proj in model.input_proj)  # the model keeps its own
 
 
