@@ -11,7 +11,7 @@ convolution); in bf16 the fused residual addition is rounded once instead of twi
 
 :func:`fuse_resnet` rewrites the stem and the blocks of a folded ResNet in place; anything else (a Swin, a
 ResNet with GroupNorm, which cannot be folded, a CUDA model) is left as it is. In float32 (``winograd=True``), the
-blocks' 3x3 convolutions of stride 1 with 128 channels or more in and out run by Winograd's F(2x2, 3x3)
+blocks' 3x3 convolutions of stride 1 with 256 channels or more in and out run by Winograd's F(2x2, 3x3)
 (:class:`WinogradConv`): 2.25x fewer multiply-adds, rounded as closely as oneDNN's direct convolution.
 """
 from typing import Callable, Optional
@@ -102,9 +102,10 @@ class FusedConv(_PackedWeight):
 
 # G of F(2x2, 3x3): the transformed weight of each of a 4x4 tile's 16 positions is G w G^T
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-# Below 128 channels the products are too thin to pay for the transforms (measured on the 2-core Xeon at
-# 800x1199: ResNet-50's res2, 64 channels, 4x slower than oneDNN; res3-res5 1.5-1.7x faster).
-WINOGRAD_MIN_CHANNELS = 128
+# Below 256 channels the products are too thin, and the transformed tiles too many, to pay for the transforms
+# (measured on the 2-core Xeon at 800x1199, one thread, in the model: ResNet-50's res4 and res5 convolutions,
+# 256 and 512 channels, 30 and 37 against 48 ms; res3's, 128 channels, 72 against 44 ms; res2's 4x slower).
+WINOGRAD_MIN_CHANNELS = 256
 
 
 def winograd_weight(weight: Tensor) -> Tensor:
