@@ -104,7 +104,8 @@ class FusedConv(_PackedWeight):
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 # Below 256 channels the products are too thin, and the transformed tiles too many, to pay for the transforms
 # (measured on the 2-core Xeon at 800x1199, one thread, in the model: ResNet-50's res4 and res5 convolutions,
-# 256 and 512 channels, 30 and 37 against 48 ms; res3's, 128 channels, 72 against 44 ms; res2's 4x slower).
+# 256 and 512 channels, 30-34 against 47-51 ms and 29-32 against 48 ms; res3's, 128 channels, 71-73 against
+# 43-45 ms; res2's 4x slower).
 WINOGRAD_MIN_CHANNELS = 256
 
 
