@@ -16,7 +16,7 @@ same detections faster; the model itself (its modules, state dict and checkpoint
   sampling);
 * every deformable attention with point references computes its sampling locations in the sampling-offset
   layer's matrix multiplication (``MSDeformAttn.fold_point_locations``);
-* in float32, the decoder's cross-attentions sample the memory's unprojected tokens and project the samples
+* in float32 on the CPU, the decoder's cross-attentions sample the memory's unprojected tokens and project the samples
   (``UnprojectedValues``), where that costs fewer multiply-adds than projecting every token (at 800x1199:
   300 queries against 20k tokens);
 * in bfloat16 (``TEST.PRECISION``), convolutions and linear layers run in bf16 under ``torch.autocast``
@@ -215,9 +215,10 @@ class FastInferenceModel(nn.Module):
         for module in self.model.modules():
             if isinstance(module, MSDeformAttn):
                 module.fold_point_locations = True
-        # in bf16 the projection (AMX) costs less than sampling 8x the channels (measured at 800x1199: 1.5 against
-        # 7 ms a decoder layer); in float32 the decoder took 120-150 ms instead of 180-210
-        self.model.transformer.project_values_after_sampling = dtype == torch.float32
+        # on the CPU in float32: the decoder took 120-150 ms instead of 180-210 at 800x1199; in bf16 the projection
+        # (AMX) costs less than sampling 8x the channels (1.5 against 7 ms a decoder layer); a GPU's rule is unmeasured
+        self.model.transformer.project_values_after_sampling = (dtype == torch.float32
+                                                                and self.model.device.type == "cpu")
         if any(isinstance(m, nn.Conv2d) for m in self.model.backbone.modules()):
             self.model.backbone = ChannelsLast(self.model.backbone)
             for sequence in self.model.input_proj:
