@@ -207,6 +207,25 @@ def test_demo_draws_a_large_image_at_a_bounded_size_with_its_boxes_in_place(tmp_
         assert changed[max(y - 3, 0):y + 4, max(x - 3, 0):x + 4].any(), (x, y)
 
 
+def test_demo_pictures_do_not_depend_on_the_global_random_state(tmp_path):
+    """Visualizer picks the instances' colours at random: the demo draws them from a fixed seed, so the same
+    detections give the same picture whatever numpy's global state was (which it leaves as it found it)."""
+    cfg = demo.load_config(CONFIG, TINY)
+    torch.manual_seed(3)
+    weights = tmp_path / "model.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    cfg.MODEL.WEIGHTS = str(weights)
+    predictor = demo.Predictor(cfg, 0.0)
+    image = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    pictures = []
+    for seed in (1, 2):
+        np.random.seed(seed)
+        before = np.random.get_state()[1].copy()
+        pictures.append(demo.render(predictor, image, show_kept_tokens=False))
+        assert np.array_equal(np.random.get_state()[1], before)
+    assert len(predictor(image).instances) > 1 and np.array_equal(pictures[0], pictures[1])
+
+
 DEMO_WEIGHTS = os.path.join(ROOT, "tests", "data", "demo_model", "model_final_fp16.pth")
 TRAIN_NET = os.path.join(ROOT, "projects", "SparseDETR", "train_net.py")
 

@@ -199,7 +199,14 @@ def render(predictor: "Predictor | OnnxPredictor", image_bgr: np.ndarray, show_k
         instances.pred_boxes = Boxes(prediction.instances.pred_boxes.tensor
                                      * torch.tensor([size[1] / width, size[0] / height] * 2))
     drawn = Visualizer(image_bgr[:, :, ::-1], predictor.metadata, instance_mode=ColorMode.IMAGE)
-    picture = drawn.draw_instance_predictions(instances).get_image()
+    # Visualizer colours the instances with picks from numpy's global random state: drawn from a fixed seed, the
+    # same detections give the same picture whatever ran before, and the caller's random state is left as it was
+    random_state = np.random.get_state()
+    np.random.seed(0)
+    try:
+        picture = drawn.draw_instance_predictions(instances).get_image()
+    finally:
+        np.random.set_state(random_state)
     if show_kept_tokens:
         out = prediction.output
         if out.kept_tokens is None:

@@ -145,6 +145,9 @@ class CenteredGroupNorm(nn.GroupNorm):
         return copy_
 
     def forward(self, x):
+        # in float32 at least (a bf16 input is what an autocast's GroupNorm would convert anyway): a difference of
+        # bf16 values close to their mean, rounded to bf16, would keep only a few of their digits
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         n, c = x.shape[:2]
         groups = self.num_groups
         mean = x.mean((2, 3)).view(n, groups, c // groups).mean(2, keepdim=True)
