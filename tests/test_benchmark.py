@@ -6,6 +6,7 @@ level sizes of a 64x96 image are 8x12, 4x6, 2x3 and 1x2: 128 tokens, of which rh
 floor(12.8) + 1 = 13.
 """
 import json
+import platform
 import math
 import os
 import subprocess
@@ -295,7 +296,38 @@ def test_ab_prints_both_sides_the_ratio_and_the_cpu(benchmark, capsys):
     assert f"native bf16: {'yes' if cpu_description()['native_bf16'] else 'no'}" in text
 
 
+def test_ab_in_processes_gives_each_side_its_own_allocator_setting(benchmark, capsys):
+    """The authors' code as it runs for its users (glibc's malloc as it is) against this project's fast path
+    as train_net.py runs it (freed memory kept), each side in a process of its own."""
+    argv = ["--config-file", str(DEMO_CONFIG), "--device", "cpu", "--image-size", str(HEIGHT), str(WIDTH),
+            "--batch-sizes", "1", "--repeats", "2", "--warmup", "1", "--ab-processes",
+            "--ab", "TEST.PRECISION float32", "TEST.FAST_INFERENCE False MS_DEFORM_ATTN pytorch MALLOC default",
+            "--json", *TINY_DEMO]
+    assert benchmark.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)["ab"]
+    assert result["processes"] and result["step"] == "inference" and result["turns"] == 2
+    kept = "keep" if platform.libc_ver()[0] == "glibc" else "as it was"
+    assert result["sides"] == {
+        "A": {"overrides": ["TEST.PRECISION", "float32"], "path": "fast, float32", "malloc": kept},
+        "B": {"overrides": ["TEST.FAST_INFERENCE", "False", "MS_DEFORM_ATTN", "pytorch", "MALLOC", "default"],
+              "path": "plain, pytorch attention", "malloc": "as it was"}}
+    [row] = result["rows"]
+    assert [len(row["seconds"][side]) for side in "AB"] == [2, 2] and min(row["seconds"]["A"]) > 0
+    assert row["b_over_a"] == pytest.approx(row["median_b"] / row["median_a"])
+    text = ab_table(result)
+    assert "interleaved, each side in its own process" in text
+    assert f"* A: TEST.PRECISION float32 (fast, float32; malloc: {kept})" in text
+    assert "(plain, pytorch attention; malloc: as it was)" in text
+
+
 @pytest.mark.parametrize("ab, extra, message", [
+    (["MALLOC default", ""], [], "error: --ab side A 'MALLOC default': MALLOC is a process's setting: give "
+                                 "--ab-processes"),
+    (["", "MALLOC jemalloc"], ["--ab-processes"], "error: --ab side B 'MALLOC jemalloc': MALLOC is one of keep, "
+                                                  "default, got 'jemalloc'"),
+    (["", ""], ["--ab-processes", "--ab-step", "training"], "error: --ab-processes times inference"),
+    (["TEST.NOPE 1", ""], ["--ab-processes"], "error: --ab side A 'TEST.NOPE 1': command line: Non-existent key: "
+                                              "TEST.NOPE"),
     (["TEST.NOPE 1", ""], [], "error: --ab side A 'TEST.NOPE 1': command line: Non-existent key: TEST.NOPE"),
     (["", "TEST.PRECISION"], [], "error: --ab side B 'TEST.PRECISION': give KEY VALUE pairs"),
     (["", "TEST.PRECISION float16"], [], "error: --ab side B 'TEST.PRECISION float16': TEST.PRECISION must be one of"),

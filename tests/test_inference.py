@@ -14,9 +14,10 @@ from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock
 from detectron2.utils.events import EventStorage
 
 from conftest import build_config
+from sparse_detr.backbone import sine_position_embedding
 from sparse_detr.inference import (CenteredGroupNorm, FastInferenceModel, build_inference_model, fold_batch_norms,
                                    has_native_bf16, inference_precision)
-from sparse_detr.fusion import FusedConv, PackedLinear, fuse_resnet, pack_linears
+from sparse_detr.fusion import PACKED_FLOAT32_MIN_ROWS, FusedConv, PackedLinear, fuse_resnet, pack_linears
 from sparse_detr.layers import MSDeformAttn, UnprojectedValues
 from sparse_detr.transformer import SparseDeformableTransformer
 
@@ -224,12 +225,40 @@ def test_input_projections_are_packed(tiny_model, make_batch):
     fast = FastInferenceModel(model, torch.float32)
     assert all(isinstance(proj[0], FusedConv) for proj in fast.model.input_proj)
     assert all(type(proj[0]) is torch.nn.Conv2d for proj in model.input_proj)  # the model keeps its own
-    assert type(fast.model.transformer.encoder.layers[0].linear1) is torch.nn.Linear  # packed in bf16 only
+    assert isinstance(fast.model.transformer.encoder.layers[0].linear1, PackedLinear)
     assert isinstance(FastInferenceModel(model, torch.bfloat16).model.transformer.encoder.layers[0].linear1,
                       PackedLinear)
     assert type(model.transformer.encoder.layers[0].linear1) is torch.nn.Linear
     assert all(m.fold_point_locations for m in fast.modules() if isinstance(m, MSDeformAttn))
     assert not any(m.fold_point_locations for m in model.modules() if isinstance(m, MSDeformAttn))
+
+
+def test_unpadded_position_embedding_is_the_same_by_rows_and_columns(tiny_model):
+    """Without padding, the fast path embeds positions once a row and once a column: the plain path's values,
+    bit for bit (the same float32 operations on the same inputs), for every level shape and a batch of two."""
+    for height, width in [(1, 1), (13, 19), (25, 38), (100, 150), (7, 3)]:
+        mask = torch.zeros(2, height, width, dtype=torch.bool)
+        full = sine_position_embedding(mask, 64)
+        by_rows_and_columns = sine_position_embedding(mask, 64, unpadded=True)
+        assert by_rows_and_columns.shape == full.shape == (2, 128, height, width)
+        assert torch.equal(by_rows_and_columns, full)
+    model = tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32)
+    assert FastInferenceModel(model, torch.float32).model.position_embedding_by_rows_and_columns
+    assert not model.position_embedding_by_rows_and_columns  # the plain path computes them as the authors do
+
+
+def test_a_float32_packed_linear_takes_onednn_only_for_many_rows():
+    """Below PACKED_FLOAT32_MIN_ROWS rows a float32 PackedLinear is the plain layer (MKL's addmm, bit for bit) and
+    packs nothing; from there on it runs oneDNN with the packed weight, within float32 rounding."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 91)
+    packed = PackedLinear(linear)
+    few = torch.randn(2, 300, 256)
+    assert torch.equal(packed(few), linear(few))
+    assert getattr(packed, "_weight", None) is None
+    many = torch.randn(1, PACKED_FLOAT32_MIN_ROWS, 256)
+    torch.testing.assert_close(packed(many), linear(many), rtol=1e-5, atol=1e-5)
+    assert packed._weight is not None and packed(many).dtype == torch.float32
 
 
 def test_input_projections_centre_their_group_norms(tiny_model):

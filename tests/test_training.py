@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -375,8 +376,10 @@ def test_two_processes_train_identical_weights_without_ddp_warnings(shapes_env, 
                             env=dict(shapes_env, OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Warning" not in result.stderr, result.stderr[-3000:]
-    assert ("2 torch thread(s) in each of the 2 processes on this machine (OMP_NUM_THREADS=2)"
-            in (out / "log.txt").read_text())
+    log = (out / "log.txt").read_text()
+    assert "2 torch thread(s) in each of the 2 processes on this machine (OMP_NUM_THREADS=2)" in log
+    if platform.libc_ver()[0] == "glibc":  # a CPU run keeps freed memory for reuse (sparse_detr.allocator)
+        assert "malloc keeps freed memory for reuse" in log
     rank0, rank1 = torch.load(tmp_path / "rank0.pth"), torch.load(tmp_path / "rank1.pth")
     initial = torch.load(tmp_path / "rank0_initial.pth")
     for key, value in rank0.items():

@@ -74,7 +74,9 @@ import sparse_detr  # noqa: F401  (first: silences known-harmless warnings of th
 import torch
 from tqdm import tqdm
 
-from sparse_detr.benchmark import (CLOCKS, DTYPES, SCALING_ASPECT, SCALING_CONFIGS, Timing, ab_benchmark, ab_table,
+from sparse_detr.allocator import keep_freed_memory
+from sparse_detr.benchmark import (CLOCKS, DTYPES, SCALING_ASPECT, SCALING_CONFIGS, Timing, ab_benchmark,
+                                   ab_in_processes, ab_table,
                                    all_configs, benchmark_config, comparison_table, markdown_table, scaling_study,
                                    scaling_table)
 from sparse_detr.benchmark.ab import SIZES, STEPS
@@ -99,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time two configurations of the --config-file in the same run, turns interleaved: "
                              "each a quoted string of KEY VALUE overrides (\"\" for none); the side key "
                              "MS_DEFORM_ATTN auto|pytorch|compiled picks that side's deformable attention")
+    parser.add_argument("--ab-processes", action="store_true",
+                        help="--ab inference with each side in its own process, turns interleaved; a side's key "
+                             "MALLOC keep|default sets its $SPARSE_DETR_MALLOC (the authors' code as it runs: "
+                             "\"TEST.FAST_INFERENCE False MS_DEFORM_ATTN pytorch MALLOC default\")")
     parser.add_argument("--ab-step", default="inference", choices=STEPS,
                         help="what --ab times: the evaluation path, or one training iteration")
     parser.add_argument("--ab-sizes", default="fixed", choices=SIZES,
@@ -184,11 +190,15 @@ def check_arguments(args) -> None:
         raise ValueError("--device cuda: CUDA is not available")
     if args.clock == "cpu" and args.device != "cpu":
         raise ValueError("--clock cpu times CPU runs only")
+    if args.ab_processes and args.ab is None:
+        raise ValueError("--ab-processes runs the two sides of --ab A B: give --ab")
     if args.ab is not None:
         others = [option for option, given in (("--all", args.all), ("--scaling", args.scaling),
                                                ("--compare-plain", args.compare_plain)) if given]
         if others:
             raise ValueError(f"--ab times one config's two sides: it does not go with {', '.join(others)}")
+        if args.ab_processes and args.ab_step != "inference":
+            raise ValueError("--ab-processes times inference (--ab-step inference)")
         if args.ab_sizes != "fixed" and args.ab_step != "training":
             raise ValueError("--ab-sizes varying is for --ab-step training (inference times one image size)")
         if args.ab_step == "training" and args.dtype != "fp32":
@@ -209,6 +219,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     configs = [resolve_config_file(c) for c in args.config_file]
     device = torch.device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as train_net.py and demo.py do: both sides of a comparison run with it
     timing = Timing(device, args.warmup, args.repeats, args.clock, args.dtype)
 
     if args.scaling:
@@ -238,6 +250,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if len(configs) != 1:
         raise ValueError("give one --config-file (or --all / --scaling for several)")
+    if args.ab is not None and args.ab_processes:
+        result = ab_in_processes(configs[0], tuple(args.ab), args.opts, timing, **settings)
+        print(json.dumps({"ab": result}) if args.json else ab_table(result))
+        return 0
     if args.ab is not None:
         result = ab_benchmark(configs[0], tuple(args.ab), args.opts, timing, step=args.ab_step, sizes=args.ab_sizes,
                               **settings)

@@ -37,6 +37,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
+from sparse_detr.allocator import keep_freed_memory
 from sparse_detr.cli import check_weights_file, load_config, reports_user_errors
 from sparse_detr.dataset_mapper import ResizeToMultiple
 from sparse_detr.deploy import INPUT_NAME, OUTPUT_NAMES
@@ -346,6 +347,8 @@ def main(argv=None) -> int:
         predictor = OnnxPredictor(args.onnx, args.confidence_threshold)
     else:
         cfg = setup_cfg(args)
+        if torch.device(cfg.MODEL.DEVICE).type == "cpu":
+            keep_freed_memory()
         threshold = cfg.TEST.CONFIDENCE_THRESHOLD if args.confidence_threshold is None else args.confidence_threshold
         predictor = Predictor(cfg, threshold)
     drawn, skipped = run_images(predictor, args) if args.input else run_video(predictor, args)

@@ -20,6 +20,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from sparse_detr.allocator import keep_freed_memory
 from sparse_detr.checkpoint import SparseDETRCheckpointer
 from sparse_detr.cli import (USER_ERRORS, check_weights_file, key_origins, load_config, make_output_dir,
                              report_user_error)
@@ -138,6 +139,8 @@ def setup(args):
     make_output_dir(cfg.OUTPUT_DIR)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="sparse_detr")
     share_cpu_threads()
+    if torch.device(cfg.MODEL.DEVICE).type == "cpu":
+        keep_freed_memory()  # freed activations reused, not mapped afresh for every image
     for name in (() if args.eval_only else tuple(cfg.DATASETS.TRAIN)) + tuple(cfg.DATASETS.TEST):
         check_dataset_files(name)  # now, rather than at the evaluation after a whole training run
     if not args.eval_only:

@@ -239,11 +239,18 @@ def pack_convolutions(convs: nn.ModuleList) -> int:
     return packed
 
 
+# float32: oneDNN from this many rows on; below, MKL's addmm was as fast or faster (measured on the 2-core Xeon,
+# 2 threads: 19,947 x 256 -> 256 16.2-16.7 against 16.9-19.0 ms, -> 91 7.4-8.6 against 10.6-23.4 ms, -> 128 9.3
+# against 13.3 ms; 1,995 x 256 -> 1024 6.8 against 6.2 ms)
+PACKED_FLOAT32_MIN_ROWS = 8192
+
+
 class PackedLinear(_PackedWeight):
     """``linear`` as one oneDNN call with its weight in oneDNN's layout (packed once, again only when it changes)
     and the bias added on the output tile: ``addmm`` first copies the broadcast bias into the whole output (an
     extra pass over, e.g., 20k tokens x 256 channels for every value projection at 800x1199). The input is taken
-    in the weight's dtype, as a bf16 autocast would cast it; the output has that dtype too."""
+    in the weight's dtype, as a bf16 autocast would cast it; the output has that dtype too. A float32 layer takes
+    oneDNN only for inputs of :data:`PACKED_FLOAT32_MIN_ROWS` rows or more (the tokens of a large image)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -259,6 +266,8 @@ class PackedLinear(_PackedWeight):
         return self.linear.bias
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.linear.weight.dtype == torch.float32 and x.numel() < PACKED_FLOAT32_MIN_ROWS * x.shape[-1]:
+            return F.linear(x.to(self.linear.weight.dtype), self.linear.weight, self.linear.bias)
         weight = self.packed(self.linear.weight, torch.ops.mkldnn._reorder_linear_weight)
         return torch.ops.mkldnn._linear_pointwise(x.to(self.linear.weight.dtype), weight, self.linear.bias, "none",
                                                   [], "")

@@ -7,9 +7,9 @@ same detections faster; the model itself (its modules, state dict and checkpoint
 * the convolutional backbone runs channels-last; on the CPU a folded ResNet's convolutions apply their ReLU
   and residual addition as oneDNN post-ops (:mod:`sparse_detr.fusion`) instead of separate passes, and in
   float32 its blocks' 3x3 convolutions of 256 channels or more run by Winograd's F(2x2, 3x3);
-* the input projections' convolutions (and, in bf16, the transformer's linear layers) keep their weights in
-  oneDNN's layout and add their bias in the same call (:func:`~sparse_detr.fusion.pack_convolutions`,
-  :func:`~sparse_detr.fusion.pack_linears`);
+* the input projections' convolutions and the transformer's linear layers (in float32 only over 8,192 rows or
+  more: a large image's tokens) keep their weights in oneDNN's layout and add their bias in the same call
+  (:func:`~sparse_detr.fusion.pack_convolutions`, :func:`~sparse_detr.fusion.pack_linears`);
 * the transformer skips what neither the detections nor the DAM use (``detections_only``): the encoder
   auxiliary heads, the two-stage box head on tokens that do not become queries, the predictions of the
   decoder layers before the last; the sparse encoder takes its queries in token order (cache-friendly
@@ -218,6 +218,7 @@ class FastInferenceModel(nn.Module):
         for module in self.model.modules():
             if isinstance(module, MSDeformAttn):
                 module.fold_point_locations = True
+        self.model.position_embedding_by_rows_and_columns = True
         # on the CPU in float32: the decoder took 120-150 ms instead of 180-210 at 800x1199; in bf16 the projection
         # (AMX) costs less than sampling 8x the channels (1.5 against 7 ms a decoder layer); a GPU's rule is unmeasured
         self.model.transformer.project_values_after_sampling = (dtype == torch.float32
@@ -230,7 +231,7 @@ class FastInferenceModel(nn.Module):
                         sequence[index] = CenteredGroupNorm.of(module)
         if dtype == torch.bfloat16:
             _to_bfloat16(self.model)
-        if fuse and dtype == torch.bfloat16:  # in float32, MKL's addmm was as fast or faster (measured)
+        if fuse:  # in float32 only the layers over many tokens take oneDNN (fusion.PACKED_FLOAT32_MIN_ROWS)
             fused += pack_linears(self.model.transformer)
         super().train(False)
         winograd = sum(isinstance(m, WinogradConv) for m in self.model.modules())

@@ -83,6 +83,10 @@ class SparseDETR(nn.Module):
     :class:`~sparse_detr.evaluation.DAMRecallEvaluator`).
     """
 
+    # Set by the fast inference path: a level without padding embeds its positions once a row and once a column
+    # (sine_position_embedding's ``unpadded``); the plain path computes them as the authors' code does.
+    position_embedding_by_rows_and_columns = False
+
     @configurable
     def __init__(self, *, backbone: Backbone, in_features: List[str], transformer: SparseDeformableTransformer,
                  criterion: SetCriterion, pixel_mean, pixel_std, num_feature_levels: int,
@@ -234,7 +238,9 @@ class SparseDETR(nn.Module):
             valid_sizes.append(torch.stack([(~mask[:, 0, :]).sum(1), (~mask[:, :, 0]).sum(1)], -1))
             masks.append(mask.flatten(1))
             shapes.append(feature.shape[-2:])
-            level_pos = sine_position_embedding(mask.to(self.device), feature.shape[1] // 2).to(feature.dtype)
+            unpadded = self.position_embedding_by_rows_and_columns and not bool(mask.any())  # a host mask
+            level_pos = sine_position_embedding(mask.to(self.device), feature.shape[1] // 2,
+                                                unpadded=unpadded).to(feature.dtype)
             tokens.append(feature.flatten(2).transpose(1, 2))
             # in the features' dtype: bf16 on the fast path, where adding float32 to bf16 tokens costs 5x a bf16 add
             level_embed = self.transformer.level_embed[level].to(feature.dtype)

@@ -117,6 +117,8 @@ def build_side(config_file: Path, opts: Sequence[str], label: str, text: str, nu
     attention = next((value for key, value in pairs if key == ATTENTION_KEY), None)
     config_overrides = [item for key, value in pairs if key != ATTENTION_KEY for item in (key, value)]
     with _naming_the_side(label, text):
+        if "MALLOC" in dict(pairs):
+            raise ValueError("MALLOC is a process's setting: give --ab-processes to run each side in its own")
         if attention is not None and attention not in IMPLEMENTATIONS:
             raise ValueError(f"{ATTENTION_KEY} is one of {', '.join(IMPLEMENTATIONS)}, got {attention!r}")
         torch.manual_seed(seed)
@@ -268,18 +270,23 @@ def ab_benchmark(config_file: Path, overrides: Tuple[str, str], opts: Sequence[s
     return result
 
 
+def _malloc(side: Dict) -> str:
+    return f"; malloc: {side['malloc']}" if "malloc" in side else ""
+
+
 def ab_table(result: Dict) -> str:
     """The A/B result as a heading, the two sides, a markdown table with a row per batch size, and the CPU."""
     a, b = result["sides"]["A"], result["sides"]["B"]
     size = f"{result['image_size'][0]}x{result['image_size'][1]}"
     if result.get("sizes") == "varying":
         size = f"sizes varying from {SIZE_SPREAD} x {size} to {size}, new each turn"
+    where = ", each side in its own process" if result.get("processes") else ""
     lines = [f"A/B {result['step']} of {result['config']}, image {size}, "
-             f"{result['device_name']}: {result['turns']} turns of each, interleaved, after {result['warmup']} "
-             f"warm-up run{'' if result['warmup'] == 1 else 's'} of each.",
+             f"{result['device_name']}: {result['turns']} turns of each, interleaved{where}, after "
+             f"{result['warmup']} warm-up run{'' if result['warmup'] == 1 else 's'} of each.",
              "",
-             f"* A: {' '.join(a['overrides']) or '(no overrides)'} ({a['path']})",
-             f"* B: {' '.join(b['overrides']) or '(no overrides)'} ({b['path']})",
+             f"* A: {' '.join(a['overrides']) or '(no overrides)'} ({a['path']}{_malloc(a)})",
+             f"* B: {' '.join(b['overrides']) or '(no overrides)'} ({b['path']}{_malloc(b)})",
              "",
              "| batch | A median (ms) | B median (ms) | B / A | B / A per turn (min–max) |",
              "|---:|---:|---:|---:|---|"]
