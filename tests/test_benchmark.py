@@ -20,7 +20,7 @@ from fvcore.nn import FlopCountAnalysis
 
 from sparse_detr.benchmark import Timing, ab_table, scaling_study, scaling_table
 from sparse_detr.layers import ms_deform_attn
-from sparse_detr.benchmark.ab import (SIZE_SPREAD, Ratio, ab_ratio, ab_runs, build_side, training_batch,
+from sparse_detr.benchmark.ab import (SIZE_SPREAD, Ratio, ab_ratio, ab_runs, build_side, side_keys, training_batch,
                                      training_batches, turn_image_sizes)
 from sparse_detr.benchmark.counts import encoder_auxiliary_heads, trainable_parameters
 from sparse_detr.benchmark.timing import measure_speed, take_turns
@@ -210,6 +210,9 @@ def test_an_ab_side_can_be_the_authors_code_path_with_the_pytorch_attention():
     with pytest.raises(ValueError, match="--ab side A 'MS_DEFORM_ATTN fast': MS_DEFORM_ATTN is one of auto, pytorch, "
                                          "compiled, got 'fast'"):
         build_side(DEMO_CONFIG, TINY_DEMO, "A", "MS_DEFORM_ATTN fast")
+    # the side keys apart from the config overrides; MALLOC only for a side in a process of its own
+    assert side_keys("B", "TEST.FAST_INFERENCE False MS_DEFORM_ATTN pytorch MALLOC default", in_own_process=True) == (
+        {"MS_DEFORM_ATTN": "pytorch", "MALLOC": "default"}, ["TEST.FAST_INFERENCE", "False"])
 
 
 def test_ab_training_sides_train_alike_on_the_same_batch_with_the_same_seeds():

@@ -14,7 +14,6 @@ glibc's behaviour, and so does an allocator of the user's (``LD_PRELOAD`` or gli
 Other C libraries (musl, macOS) are left alone.
 """
 import ctypes
-import ctypes.util
 import logging
 import os
 import platform
@@ -60,7 +59,7 @@ def keep_freed_memory() -> bool:
     else:
         reason = _users_own_allocator()
     if not reason:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")  # glibc's, checked above
         if libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD):
             logger.info("malloc keeps freed memory for reuse (blocks up to %d MiB from the heap, which is never "
                         "trimmed; %s=default leaves glibc's behaviour)", MMAP_THRESHOLD >> 20, ENV)

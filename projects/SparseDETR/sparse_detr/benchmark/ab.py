@@ -39,6 +39,7 @@ from detectron2.utils.events import EventStorage
 
 from ..dataset_mapper import ResizeToMultiple
 from ..engine import MixedPrecisionTrainer, channels_last_backbone, stream_seed
+from ..allocator import CHOICES as MALLOC_CHOICES
 from ..inference import cpu_description
 from ..layers.ms_deform_attn import IMPLEMENTATIONS, use_implementation
 from ..solver import build_optimizer
@@ -46,8 +47,9 @@ from .models import build_benchmark_model, device_name, evaluation_path, random_
 from .tables import cpu_line
 from .timing import Timing, image_batch, precision, take_turns
 
-__all__ = ["ATTENTION_KEY", "SIZES", "STEPS", "Ratio", "Run", "Side", "ab_benchmark", "ab_ratio", "ab_runs", "ab_table",
-           "build_side", "parse_overrides", "training_batch", "training_batches", "turn_image_sizes"]
+__all__ = ["ATTENTION_KEY", "MALLOC_KEY", "SIZES", "STEPS", "Ratio", "Run", "Side", "ab_benchmark", "ab_ratio",
+           "ab_runs", "ab_table", "build_side", "parse_overrides", "side_keys", "training_batch", "training_batches",
+           "turn_image_sizes"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,25 @@ SIZE_SPREAD = 0.7  # varying sizes: each side drawn uniformly from [SIZE_SPREAD,
 # the deformable attention ($SPARSE_DETR_MS_DEFORM_ATTN set around each of its calls), so that one side can be the
 # authors' code path: the plain model with the PyTorch attention (``TEST.FAST_INFERENCE False MS_DEFORM_ATTN pytorch``).
 ATTENTION_KEY = "MS_DEFORM_ATTN"
+# Not a config key either: a side's ``MALLOC keep|default`` is its process's $SPARSE_DETR_MALLOC
+# (sparse_detr.allocator), so only a side in a process of its own takes it (ab_processes, ``--ab-processes``).
+MALLOC_KEY = "MALLOC"
+
+
+def side_keys(label: str, text: str, in_own_process: bool = False) -> Tuple[Dict[str, str], List[str]]:
+    """A side's overrides split into its side keys (:data:`ATTENTION_KEY`, :data:`MALLOC_KEY`) by name, checked,
+    and its config overrides; a ValueError naming the side for a bad value or a key the run cannot honour."""
+    items = parse_overrides(label, text)
+    pairs = list(zip(items[0::2], items[1::2]))
+    keys = {key: value for key, value in pairs if key in (ATTENTION_KEY, MALLOC_KEY)}
+    with _naming_the_side(label, text):
+        if keys.get(ATTENTION_KEY, IMPLEMENTATIONS[0]) not in IMPLEMENTATIONS:
+            raise ValueError(f"{ATTENTION_KEY} is one of {', '.join(IMPLEMENTATIONS)}, got {keys[ATTENTION_KEY]!r}")
+        if MALLOC_KEY in keys and not in_own_process:
+            raise ValueError(f"{MALLOC_KEY} is a process's setting: give --ab-processes to run each side in its own")
+        if keys.get(MALLOC_KEY, MALLOC_CHOICES[0]) not in MALLOC_CHOICES:
+            raise ValueError(f"{MALLOC_KEY} is one of {', '.join(MALLOC_CHOICES)}, got {keys[MALLOC_KEY]!r}")
+    return keys, [item for key, value in pairs if key not in keys for item in (key, value)]
 
 
 class Side(NamedTuple):
@@ -107,23 +128,16 @@ def parse_overrides(label: str, text: str) -> List[str]:
 
 
 def build_side(config_file: Path, opts: Sequence[str], label: str, text: str, num_classes: Optional[int] = None,
-               seed: int = 0) -> Side:
+               seed: int = 0, in_own_process: bool = False) -> Side:
     """The config file with ``opts``, then the side's overrides ``text``; its model with weights drawn from ``seed``.
 
     A bad override is a ValueError naming the side and the key.
     """
-    overrides = parse_overrides(label, text)
-    pairs = list(zip(overrides[0::2], overrides[1::2]))
-    attention = next((value for key, value in pairs if key == ATTENTION_KEY), None)
-    config_overrides = [item for key, value in pairs if key != ATTENTION_KEY for item in (key, value)]
+    keys, config_overrides = side_keys(label, text, in_own_process)
     with _naming_the_side(label, text):
-        if "MALLOC" in dict(pairs):
-            raise ValueError("MALLOC is a process's setting: give --ab-processes to run each side in its own")
-        if attention is not None and attention not in IMPLEMENTATIONS:
-            raise ValueError(f"{ATTENTION_KEY} is one of {', '.join(IMPLEMENTATIONS)}, got {attention!r}")
         torch.manual_seed(seed)
         cfg, model = build_benchmark_model(config_file, [*opts, *config_overrides], num_classes)
-    return Side(label, overrides, cfg, model, attention)
+    return Side(label, parse_overrides(label, text), cfg, model, keys.get(ATTENTION_KEY))
 
 
 def _with_attention(side: Side, run: Run) -> Run:

@@ -7,50 +7,38 @@ and the other this project's evaluation path as ``train_net.py`` runs it. Each s
 this process's torch threads) builds its side as :func:`~sparse_detr.benchmark.ab.build_side` does, warms it up
 and waits; then the sides take turns, A, B, A, B, ..., one process running while the other waits, and report
 each turn's seconds by the chosen clock. The result has the shape of
-:func:`~sparse_detr.benchmark.ab.ab_benchmark`'s, with ``"processes": True`` and each side's ``"malloc"``: "keep" where its process kept freed memory, "as it
-was" where it left glibc's malloc as it was.
+:func:`~sparse_detr.benchmark.ab.ab_benchmark`'s, with
+``"processes": True`` and each side's ``"malloc"``: "keep" where its process kept freed memory, "as it was" where
+it left glibc's malloc as it was.
 """
 import multiprocessing
 import os
-import shlex
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..allocator import CHOICES, ENV, keep_freed_memory
+from ..allocator import ENV, keep_freed_memory
 from ..inference import cpu_description
-from .ab import _naming_the_side, ab_ratio, ab_runs, build_side, parse_overrides
+from .ab import MALLOC_KEY, ab_ratio, ab_runs, build_side, parse_overrides, side_keys
 from .models import device_name
 from .timing import CLOCKS, Timing, precision, synchronize
 
-__all__ = ["MALLOC_KEY", "ab_in_processes", "split_process_keys"]
-
-MALLOC_KEY = "MALLOC"
+__all__ = ["ab_in_processes"]
 
 
-def split_process_keys(label: str, text: str) -> Tuple[Optional[str], str]:
-    """A side's ``MALLOC`` value (None when not given) and the rest of its overrides."""
-    items = parse_overrides(label, text)
-    pairs = list(zip(items[0::2], items[1::2]))
-    malloc = next((value for key, value in pairs if key == MALLOC_KEY), None)
-    if malloc is not None and malloc not in CHOICES:
-        with _naming_the_side(label, text):
-            raise ValueError(f"{MALLOC_KEY} is one of {', '.join(CHOICES)}, got {malloc!r}")
-    return malloc, shlex.join(item for key, value in pairs if key != MALLOC_KEY for item in (key, value))
-
-
-def _serve(conn, label: str, text: str, malloc: Optional[str], config_file: Path, opts: Sequence[str],
+def _serve(conn, label: str, text: str, config_file: Path, opts: Sequence[str],
            num_classes: Optional[int], seed: int, image_size: Tuple[int, int], batch_size: int, timing: Timing,
            threads: int) -> None:
     """One side's process: build, warm up, say "ready" with the path, then time one run per "run" received."""
     try:
+        malloc = side_keys(label, text, in_own_process=True)[0].get(MALLOC_KEY)
         if malloc is not None:
             os.environ[ENV] = malloc
         torch.set_num_threads(threads)
         device = timing.device
         kept = keep_freed_memory() if device.type == "cpu" else False
-        side = build_side(config_file, opts, label, text, num_classes, seed)
+        side = build_side(config_file, opts, label, text, num_classes, seed, in_own_process=True)
         run = ab_runs([side], "inference", image_size, batch_size, device, seed)[label]
         clock = CLOCKS[timing.clock]
         with torch.no_grad(), precision(device, timing.dtype):
@@ -82,22 +70,24 @@ def ab_in_processes(config_file: Path, overrides: Tuple[str, str], opts: Sequenc
                     num_classes: Optional[int] = None, image_size: Tuple[int, int] = (850, 1040),
                     batch_sizes: Sequence[int] = (1,), seed: int = 0) -> Dict:
     """Time the inference of side A against side B, each in its own process, turns interleaved."""
-    sides = {label: split_process_keys(label, text) for label, text in zip("AB", overrides)}
+    sides = dict(zip("AB", overrides))
+    for label, text in sides.items():
+        side_keys(label, text, in_own_process=True)  # a bad side fails here, before any process starts
     device = timing.device
     result = {"config": config_file.name, "step": "inference", "image_size": list(image_size), "sizes": "fixed",
               "device": device.type, "device_name": device_name(device.type, timing.clock),
               "threads": torch.get_num_threads(), "cpu": cpu_description(), "dtype": timing.dtype,
               "warmup": timing.warmup, "turns": timing.repeats, "processes": True,
-              "sides": {label: {"overrides": parse_overrides(label, text)} for label, text in zip("AB", overrides)},
+              "sides": {label: {"overrides": parse_overrides(label, text)} for label, text in sides.items()},
               "rows": []}
     context = multiprocessing.get_context("spawn")
     for batch_size in batch_sizes:
         workers = {}
         try:
-            for label, (malloc, text) in sides.items():
+            for label, text in sides.items():
                 parent, child = context.Pipe()
                 process = context.Process(target=_serve, daemon=True, args=(
-                    child, label, text, malloc, config_file, list(opts), num_classes, seed, tuple(image_size),
+                    child, label, text, config_file, list(opts), num_classes, seed, tuple(image_size),
                     batch_size, timing, torch.get_num_threads()))
                 process.start()
                 child.close()
