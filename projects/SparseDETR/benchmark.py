@@ -220,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     configs = [resolve_config_file(c) for c in args.config_file]
     device = torch.device(args.device)
     if device.type == "cpu":
-        keep_freed_memory()  # as train_net.py and demo.py do: both sides of a comparison run with it
+        keep_freed_memory()  # as train_net.py --eval-only and demo.py do: both sides of a comparison run with it
     timing = Timing(device, args.warmup, args.repeats, args.clock, args.dtype)
 
     if args.scaling:

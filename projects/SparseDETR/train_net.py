@@ -139,8 +139,11 @@ def setup(args):
     make_output_dir(cfg.OUTPUT_DIR)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="sparse_detr")
     share_cpu_threads()
-    if torch.device(cfg.MODEL.DEVICE).type == "cpu":
-        keep_freed_memory()  # freed activations reused, not mapped afresh for every image
+    if args.eval_only and torch.device(cfg.MODEL.DEVICE).type == "cpu":
+        # freed activations reused, not mapped afresh for every image. Not for training: it gained nothing there
+        # (the demo), and a bf16 training of a random tiny model gave non-finite matcher costs in its first forward
+        # with it (gpu_check's training step on the CPU), a cause not found yet
+        keep_freed_memory()
     for name in (() if args.eval_only else tuple(cfg.DATASETS.TRAIN)) + tuple(cfg.DATASETS.TEST):
         check_dataset_files(name)  # now, rather than at the evaluation after a whole training run
     if not args.eval_only:

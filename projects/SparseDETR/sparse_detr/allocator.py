@@ -9,7 +9,8 @@ raises both thresholds (``mallopt``), so that freed blocks stay in the heap and 
 the allocators PyTorch's CPU tuning guide preloads (jemalloc, tcmalloc) do. The cost: the process keeps the
 memory of its largest step until it ends (the resident size stays at its peak).
 
-``train_net.py``, ``demo.py`` and ``benchmark.py`` call it on the CPU; ``SPARSE_DETR_MALLOC=default`` leaves
+``train_net.py --eval-only``, ``demo.py`` and ``benchmark.py`` call it on the CPU (not a training: it gained
+nothing there, and see train_net.py); ``SPARSE_DETR_MALLOC=default`` leaves
 glibc's behaviour, and so does an allocator of the user's (``LD_PRELOAD`` or glibc's ``MALLOC_*_`` variables).
 Other C libraries (musl, macOS) are left alone.
 """
