@@ -126,6 +126,44 @@ def test_sparse_encoder_updates_in_place_only_without_autograd(tiny_model, make_
     assert_same_detections(out_of_place, in_place, box_atol=1e-10, score_atol=1e-12)
 
 
+@pytest.mark.parametrize("config_name", ["sparse_detr_r50_rho0.3.yaml", "deformable_detr_r50_bbr_two_stage.yaml"])
+def test_bfloat16_inference_casts_the_memory_once(config_name, tiny_model, make_batch, monkeypatch):
+    """Under autocast without autograd, every value projection (encoder, two-stage head, decoder) reads one bf16
+    copy of the memory, which the sparse encoder keeps up to date: the same detections, bit for bit, as casting the
+    memory again in each layer. With autograd (training) the layers keep their own casts."""
+    model = tiny_model(config_name, dtype=torch.float32)
+    fast = FastInferenceModel(model, torch.bfloat16)
+    inputs = make_batch(dict(height=64, width=96), dict(height=48, width=80), seed=4)
+    seen = {}
+    def recorder(name):
+        def record(module, args):
+            seen.setdefault(name, args[0].dtype)
+        return record
+
+    hooks = [m.value_proj.register_forward_pre_hook(recorder(name))
+             for name, m in fast.named_modules() if isinstance(m, MSDeformAttn)]
+    shared = fast.predict(inputs)
+    for hook in hooks:
+        hook.remove()
+    # a dense encoder's layers each read a new memory: they cast it as before
+    readers = [name for name in seen if ".decoder." in name or fast.model.transformer.rho > 0]
+    assert len(readers) >= 2 and all(seen[name] == torch.bfloat16 for name in readers)
+    monkeypatch.setattr(SparseDeformableTransformer, "_shared_values", staticmethod(lambda memory: memory))
+    per_layer = fast.predict(inputs)
+    assert torch.equal(shared.pred_logits[-1], per_layer.pred_logits[-1])
+    assert torch.equal(shared.pred_boxes[-1], per_layer.pred_boxes[-1])
+    assert torch.equal(shared.dec_sampling_locations, per_layer.dec_sampling_locations)
+    monkeypatch.undo()
+
+    memory = torch.randn(1, 5, 8)
+    assert SparseDeformableTransformer._shared_values(memory) is memory  # no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert SparseDeformableTransformer._shared_values(memory) is memory  # autograd on
+        with torch.no_grad():
+            copy_ = SparseDeformableTransformer._shared_values(memory)
+    assert copy_.dtype == torch.bfloat16 and torch.equal(copy_, memory.bfloat16())
+
+
 @pytest.mark.parametrize("levels", [1, 4])
 def test_folded_point_locations_equal_reference_plus_scaled_offsets(levels):
     """The fast path's sampling locations (one matrix multiplication of [query, reference]) are the layer's

@@ -420,7 +420,8 @@ def encoder_memory(transformer, flat):
     out = TransformerOutput(pred_logits=[], pred_boxes=[])
     proposals, proposal_valid = transformer.proposals(flat)
     with torch.no_grad():
-        memory = transformer._encode(flat, proposals, proposal_valid, out)
+        memory, values = transformer._encode(flat, proposals, proposal_valid, out)
+    assert values is memory  # no autocast
     return memory, out
 
 

@@ -24,7 +24,10 @@ same detections faster; the model itself (its modules, state dict and checkpoint
   sampling-offset and attention-weight layers of every deformable attention (sampling locations and their
   softmax), the reference-point layer, every box head, every class head and the scoring network's last
   layer (the scores that top-k ranks). ``"auto"`` picks bf16 on CPUs with native bf16 instructions
-  (AMX or AVX512-BF16), float32 elsewhere.
+  (AMX or AVX512-BF16), float32 elsewhere. Under autocast the memory the value projections read is cast to bf16
+  once for all of them (``SparseDeformableTransformer._shared_values``);
+* the ResNet stem's max pool runs by ``torch.ops.sparse_detr_C.max_pool3x3s2``
+  (:func:`~sparse_detr.fusion.stem_max_pool`), which does not write PyTorch's index of every maximum.
 """
 import copy
 import logging

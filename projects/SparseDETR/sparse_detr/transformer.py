@@ -323,10 +323,25 @@ class SparseDeformableTransformer(nn.Module):
                                 level_start_index=flat.level_start_index, padding_mask=flat.padding_mask)
         need_proposals = self.two_stage or self.rho > 0
         proposals, proposal_valid = self.proposals(flat) if need_proposals else (None, None)
-        memory = self._encode(flat, proposals, proposal_valid, out, detections_only)
-        tgt, query_pos, reference = self._init_queries(flat, memory, proposals, proposal_valid, out, detections_only)
-        self._decode(flat, memory, tgt, query_pos, reference, out, detections_only)
+        memory, values = self._encode(flat, proposals, proposal_valid, out, detections_only)
+        tgt, query_pos, reference = self._init_queries(flat, memory, values, proposals, proposal_valid, out,
+                                                       detections_only)
+        self._decode(flat, memory, values, tgt, query_pos, reference, out, detections_only)
         return out
+
+    # Inference under autocast (the bf16 fast path): every layer that projects the memory (the sparse encoder's value
+    # projections, the two-stage head's, the decoder's) would cast all of it to the autocast dtype again (at
+    # 800x1199, 13 casts of 20k x 256 tokens an image). The memory is cast once instead; the sparse encoder keeps
+    # that copy up to date with its kept rows. The same values reach the layers, so the same detections come out.
+    # With autograd the layers keep their own casts (their gradients reach the memory in float32, as before).
+    @staticmethod
+    def _shared_values(memory: Tensor) -> Tensor:
+        """``memory`` in the dtype that autocast gives a linear layer's input, when autocast is on and autograd off;
+        else ``memory`` itself."""
+        device = memory.device.type
+        if torch.is_grad_enabled() or not torch.is_autocast_enabled(device):
+            return memory
+        return memory.to(torch.get_autocast_dtype(device))
 
     def _select_tokens(self, flat: FlatFeatures, proposal_valid: Tensor, out: TransformerOutput):
         """Score every token, keep the top n_i = floor(rho * valid_i) + 1 per image (k = max n_i for all)."""
@@ -341,14 +356,16 @@ class SparseDeformableTransformer(nn.Module):
         return out.kept_tokens, out.sparse_token_nums
 
     def _encode(self, flat: FlatFeatures, proposals, proposal_valid, out: TransformerOutput,
-                detections_only: bool = False) -> Tensor:
+                detections_only: bool = False) -> Tuple[Tensor, Tensor]:
+        """(the memory (N, S, C), the values its projections read: the memory, or its copy of
+        :meth:`_shared_values`)."""
         reference = self.encoder_reference_points(flat)
         memory = flat.tokens
         attn_args = (flat.spatial_shapes, flat.level_start_index, flat.value_mask)
         if self.rho <= 0:
             for layer in self.encoder.layers:
                 memory, _ = layer(memory, flat.pos, reference, memory, *attn_args)
-            return memory
+            return memory, self._shared_values(memory)
 
         kept, sparse_token_nums = self._select_tokens(flat, proposal_valid, out)
         k = kept.shape[1]
@@ -375,21 +392,25 @@ class SparseDeformableTransformer(nn.Module):
             # expanded index copied all S rows twice (at 800x1199, 18 ms of 6 layers' 20k x 256 tokens)
             memory = memory.clone(memory_format=torch.contiguous_format)
             rows = (kept + torch.arange(kept.shape[0], device=kept.device)[:, None] * memory.shape[1]).flatten()
+        values = self._shared_values(memory)
         for lid, layer in enumerate(self.encoder.layers):
-            query, _ = layer(query, query_pos, query_ref, memory, *attn_args)
+            query, _ = layer(query, query_pos, query_ref, values, *attn_args)
             update = torch.where(write_back, query, memory.gather(1, index))
             if in_place:
-                memory.view(-1, memory.shape[-1]).index_copy_(0, rows, update.reshape(-1, memory.shape[-1]))
+                update = update.reshape(-1, memory.shape[-1])
+                memory.view(-1, memory.shape[-1]).index_copy_(0, rows, update)
+                if values is not memory:
+                    values.view(-1, values.shape[-1]).index_copy_(0, rows, update.to(values.dtype))
             else:
-                memory = memory.scatter(1, index, update)
+                memory = values = memory.scatter(1, index, update)
             if auxiliary and lid < self.num_encoder_layers - 1:
                 class_head, box_head = self._head(self.num_decoder_layers + 1 + lid)
                 out.enc_aux_logits.append(class_head(query))
                 out.enc_aux_boxes.append((box_head(query) + query_proposals).sigmoid())
-        return memory
+        return memory, values
 
-    def _init_queries(self, flat: FlatFeatures, memory: Tensor, proposals, proposal_valid, out: TransformerOutput,
-                      detections_only: bool = False):
+    def _init_queries(self, flat: FlatFeatures, memory: Tensor, values: Tensor, proposals, proposal_valid,
+                      out: TransformerOutput, detections_only: bool = False):
         n = memory.shape[0]
         if not self.two_stage:
             query_pos, tgt = self.query_embed.weight.split(self.d_model, dim=1)
@@ -398,7 +419,7 @@ class SparseDeformableTransformer(nn.Module):
             return tgt, query_pos, self.reference_points(query_pos).sigmoid()
 
         class_head, box_head = self._head(self.num_decoder_layers)
-        projected = self._project_memory(memory, proposal_valid)
+        projected = self._project_memory(values, proposal_valid)  # (the memory, or its copy for the layers)
         out.enc_logits = class_head(projected)
         objectness = out.enc_logits.max(-1).values if self.eff_specific_head else out.enc_logits[..., 0]
         if self.padding_invariant:
@@ -425,10 +446,11 @@ class SparseDeformableTransformer(nn.Module):
     # before projecting it (MSDeformAttn._sample_then_project) when that costs fewer multiply-adds.
     project_values_after_sampling = False
 
-    def _decode(self, flat: FlatFeatures, memory, tgt, query_pos, reference, out: TransformerOutput,
+    def _decode(self, flat: FlatFeatures, memory, values, tgt, query_pos, reference, out: TransformerOutput,
                 detections_only: bool = False):
+        """``values``: what the cross-attentions' value projections read (the memory, or its copy of
+        :meth:`_shared_values`)."""
         locations, weights = [], []
-        values = memory
         if self.project_values_after_sampling and not torch.is_grad_enabled() and self._cheaper_after_sampling(
                 tgt.shape[1], memory.shape[1]):
             values = UnprojectedValues.of(memory, flat.value_mask)

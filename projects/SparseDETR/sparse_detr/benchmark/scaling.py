@@ -44,10 +44,10 @@ class EncoderTimer:
         def timed_encode(*args, **kwargs):
             synchronize(self.device)
             start = self.clock()
-            memory = encode(*args, **kwargs)
+            encoded = encode(*args, **kwargs)  # (memory, values)
             synchronize(self.device)
             self.seconds.append(self.clock() - start)
-            return memory
+            return encoded
 
         self.transformer._encode = timed_encode
         return self

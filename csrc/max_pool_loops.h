@@ -1,0 +1,64 @@
+// The loops of csrc/max_pool_cpu.cpp, included there once for each instruction set (in a namespace of its own, under
+// `#pragma GCC target`): GCC's vector extensions below become one AVX-512 register (the comparisons in mask
+// registers) only in code compiled for it, which an inlined generic helper is not.
+
+typedef float Floats __attribute__((vector_size(kLanes * sizeof(float))));
+typedef uint32_t Words __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+typedef uint16_t Halves __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+
+inline Floats load(const float* from) {
+  Floats v;
+  std::memcpy(&v, from, sizeof(v));
+  return v;
+}
+inline Floats load(const uint16_t* from) {
+  Halves h;
+  std::memcpy(&h, from, sizeof(h));
+  const Words w = __builtin_convertvector(h, Words) << 16;
+  Floats v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+inline void store(float* to, Floats v) { std::memcpy(to, &v, sizeof(v)); }
+inline void store(uint16_t* to, Floats v) {
+  Words w;
+  std::memcpy(&w, &v, sizeof(w));
+  const Halves h = __builtin_convertvector(w >> 16, Halves);  // v holds bf16 inputs: their lower halves are zero
+  std::memcpy(to, &h, sizeof(h));
+}
+
+// Output rows [begin, end) of the flattened (N * out_height) rows. A window's elements are taken in PyTorch's order
+// (rows, then columns) with its rule: an element replaces the maximum when it is greater or NaN.
+template <typename T>
+void pool_rows(const T* input, T* output, const Shape& s, int64_t begin, int64_t end) {
+  const int64_t vector_channels = s.channels / kLanes * kLanes;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t image = row / s.out_height, oy = row % s.out_height;
+    const int64_t y_begin = std::max<int64_t>(2 * oy - 1, 0), y_end = std::min<int64_t>(2 * oy + 2, s.height);
+    const T* map = input + image * s.height * s.width * s.channels;
+    for (int64_t ox = 0; ox < s.out_width; ++ox) {
+      const int64_t x_begin = std::max<int64_t>(2 * ox - 1, 0), x_end = std::min<int64_t>(2 * ox + 2, s.width);
+      T* to = output + (row * s.out_width + ox) * s.channels;
+      for (int64_t c0 = 0; c0 < vector_channels; c0 += kLanes) {
+        Floats best = Floats{} - std::numeric_limits<float>::infinity();
+        for (int64_t y = y_begin; y < y_end; ++y) {
+          for (int64_t x = x_begin; x < x_end; ++x) {
+            const Floats v = load(map + (y * s.width + x) * s.channels + c0);
+            best = (v > best) | (v != v) ? v : best;
+          }
+        }
+        store(to + c0, best);
+      }
+      for (int64_t c = vector_channels; c < s.channels; ++c) {
+        float best = -std::numeric_limits<float>::infinity();
+        for (int64_t y = y_begin; y < y_end; ++y) {
+          for (int64_t x = x_begin; x < x_end; ++x) {
+            const float v = as_float(map[(y * s.width + x) * s.channels + c]);
+            best = (v > best || v != v) ? v : best;
+          }
+        }
+        put(to + c, best);
+      }
+    }
+  }
+}
