@@ -141,8 +141,7 @@ def setup(args):
     share_cpu_threads()
     if args.eval_only and torch.device(cfg.MODEL.DEVICE).type == "cpu":
         # freed activations reused, not mapped afresh for every image. Not for training: it gained nothing there
-        # (the demo), and a bf16 training of a random tiny model gave non-finite matcher costs in its first forward
-        # with it (gpu_check's training step on the CPU; a oneDNN path: not in float32, nor without oneDNN)
+        # (the demo). (It once surfaced a oneDNN bug, now worked around: sparse_detr/conv_workaround.py.)
         keep_freed_memory()
     for name in (() if args.eval_only else tuple(cfg.DATASETS.TRAIN)) + tuple(cfg.DATASETS.TEST):
         check_dataset_files(name)  # now, rather than at the evaluation after a whole training run

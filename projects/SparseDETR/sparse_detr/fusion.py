@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from detectron2.layers import Conv2d as D2Conv2d
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 
+from .conv_workaround import narrowed, one_column_bf16, widened
 from .layers.ms_deform_attn import compiled_kernels_available
 
 __all__ = ["FusedConv", "PackedLinear", "WinogradConv", "fuse_resnet", "max_pool_available", "pack_convolutions",
@@ -88,6 +89,9 @@ class FusedConv(_PackedWeight):
         bias = self.conv.bias
         padding, stride, dilation, groups = self.geometry
         x = x.to(self.conv.weight.dtype)
+        if residual is None and one_column_bf16(x, x.dtype, self.kernel_size, self.stride, self.padding,
+                                                self.dilation):
+            return narrowed(self.forward(widened(x)))  # oneDNN's one-column bf16 bug (sparse_detr.conv_workaround)
         weight = self._packed(x)
         if residual is None:
             return _CONVOLUTION(x, weight, bias, padding, stride, dilation, groups, "relu" if self.relu else "none",

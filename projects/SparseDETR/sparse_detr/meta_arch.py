@@ -13,6 +13,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
 from .backbone import sine_position_embedding
+from .conv_workaround import guard_one_column_convolutions
 from .criterion import HungarianMatcher, SetCriterion
 from .dam import dam_recall_masses, output_dam, updated_token_mask
 from .datasets import dataset_category_ids
@@ -137,6 +138,9 @@ class SparseDETR(nn.Module):
         self.register_buffer("class_columns", class_columns, False)
         self.dataset_class_ids = list(dataset_class_ids) if dataset_class_ids is not None else None
         self.padding_invariant = padding_invariant
+        # oneDNN's bf16 convolutions of stride 2 with a one-column output read memory they did not write (narrow
+        # images under a bf16 autocast on the CPU): such calls get two zero columns more (exact; see the module)
+        guard_one_column_convolutions(self)
 
     @classmethod
     def from_config(cls, cfg):
