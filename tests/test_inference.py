@@ -271,18 +271,33 @@ def test_input_projections_are_packed(tiny_model, make_batch):
     assert not any(m.fold_point_locations for m in model.modules() if isinstance(m, MSDeformAttn))
 
 
-def test_unpadded_position_embedding_is_the_same_by_rows_and_columns(tiny_model):
-    """Without padding, the fast path embeds positions once a row and once a column: the plain path's values,
-    bit for bit (the same float32 operations on the same inputs), for every level shape and a batch of two."""
-    for height, width in [(1, 1), (13, 19), (25, 38), (100, 150), (7, 3)]:
-        mask = torch.zeros(2, height, width, dtype=torch.bool)
-        full = sine_position_embedding(mask, 64)
-        by_rows_and_columns = sine_position_embedding(mask, 64, unpadded=True)
-        assert by_rows_and_columns.shape == full.shape == (2, 128, height, width)
-        assert torch.equal(by_rows_and_columns, full)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unpadded_position_embedding_is_the_same_by_rows_and_columns(tiny_model, dtype):
+    """Without padding, the fast path embeds positions once a row and once a column and writes them into the
+    flattened layout once: the per-level path's values bit for bit (the same float32 operations on the same
+    inputs, then the same cast and addition of the level embedding), for every level shape and a batch of two."""
     model = tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32)
-    assert FastInferenceModel(model, torch.float32).model.position_embedding_by_rows_and_columns
+    torch.nn.init.normal_(model.transformer.level_embed)
+    shapes = [(13, 19), (7, 3), (1, 1), (2, 5)]
+    maps = [torch.randn(2, 32, h, w).to(dtype) for h, w in shapes]
+    expected = []
+    for level, feature in enumerate(maps):
+        level_pos = sine_position_embedding(torch.zeros(2, *feature.shape[-2:], dtype=torch.bool), 16).to(dtype)
+        level_embed = model.transformer.level_embed[level].to(dtype)
+        expected.append(level_pos.flatten(2).transpose(1, 2) + level_embed.view(1, 1, -1))
+    with torch.no_grad():
+        actual = model._unpadded_positions(maps)
+    assert actual.dtype == dtype and torch.equal(actual, torch.cat(expected, 1))
+    fast = FastInferenceModel(model, torch.float32)
+    assert fast.model.position_embedding_by_rows_and_columns
     assert not model.position_embedding_by_rows_and_columns  # the plain path computes them as the authors do
+    calls = []
+    unpadded_positions = type(model)._unpadded_positions
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(model), "_unpadded_positions", lambda self, m: calls.append(1) or unpadded_positions(self, m))
+        fast.predict([{"image": torch.rand(3, 64, 96) * 255}])  # unpadded
+        fast.predict([{"image": torch.rand(3, 64, 96) * 255}, {"image": torch.rand(3, 48, 80) * 255}])  # padded
+    assert calls == [1]
 
 
 def test_a_float32_packed_linear_takes_onednn_only_for_many_rows():
