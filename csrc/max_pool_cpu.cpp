@@ -100,14 +100,20 @@ at::Tensor max_pool3x3s2(const at::Tensor& input) {
     return output;
   }
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, s.out_width * s.channels));
-  at::parallel_for(0, batch * s.out_height, grain, [&](int64_t begin, int64_t end) {
-    if (input.scalar_type() == at::kFloat) {
-      loop<float>()(in.data_ptr<float>(), output.data_ptr<float>(), s, begin, end);
-    } else {
-      loop<uint16_t>()(reinterpret_cast<const uint16_t*>(in.data_ptr<at::BFloat16>()),
-                reinterpret_cast<uint16_t*>(output.data_ptr<at::BFloat16>()), s, begin, end);
-    }
-  });
+  // the instruction set's loop, chosen once for the call
+  if (input.scalar_type() == at::kFloat) {
+    const Loop<float> pool = loop<float>();
+    const float* from = in.data_ptr<float>();
+    float* to = output.data_ptr<float>();
+    at::parallel_for(0, batch * s.out_height, grain,
+                     [&](int64_t begin, int64_t end) { pool(from, to, s, begin, end); });
+  } else {
+    const Loop<uint16_t> pool = loop<uint16_t>();
+    const uint16_t* from = reinterpret_cast<const uint16_t*>(in.data_ptr<at::BFloat16>());
+    uint16_t* to = reinterpret_cast<uint16_t*>(output.data_ptr<at::BFloat16>());
+    at::parallel_for(0, batch * s.out_height, grain,
+                     [&](int64_t begin, int64_t end) { pool(from, to, s, begin, end); });
+  }
   return output;
 }
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d as D2Conv2d
 from detectron2.layers import FrozenBatchNorm2d
 
-from sparse_detr.conv_workaround import guard_one_column_convolutions, one_column_bf16
+from sparse_detr.conv_workaround import guard_one_column_convolutions, is_guarded, one_column_bf16
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def test_the_model_guards_its_stride_2_convolutions(tiny_model):
     """ResNet-50: the stem, res3-res5's first blocks (the 3x3 and the 1x1 shortcut of stride 2) and the extra-level
     input projection; the hooks leave float32 alone, and a model with them deep-copies and pickles."""
     model = tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32)
-    guarded = [name for name, m in model.named_modules() if getattr(m, "_one_column_guard", False)]
+    guarded = [name for name, m in model.named_modules() if is_guarded(m)]
     assert sorted(guarded) == sorted(["backbone.stem.conv1", "backbone.res3.0.conv2", "backbone.res3.0.shortcut", "backbone.res4.0.conv2",
                                       "backbone.res4.0.shortcut", "backbone.res5.0.conv2", "backbone.res5.0.shortcut",
                                       "input_proj.3.0"])
@@ -46,8 +46,8 @@ def test_the_model_guards_its_stride_2_convolutions(tiny_model):
     x = torch.randn(1, conv.in_channels, 5, 2)
     with torch.no_grad():
         torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1), rtol=0, atol=0)
-    assert getattr(copy.deepcopy(model).input_proj[3][0], "_one_column_guard", False)
-    assert getattr(pickle.loads(pickle.dumps(model)).input_proj[3][0], "_one_column_guard", False)
+    assert is_guarded(copy.deepcopy(model).input_proj[3][0])
+    assert is_guarded(pickle.loads(pickle.dumps(model)).input_proj[3][0])
 
 
 def test_group_normed_convolutions_are_left_alone():

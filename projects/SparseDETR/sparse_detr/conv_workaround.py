@@ -13,7 +13,7 @@ The workaround is exact: two more zero columns on the right of the input leave t
 was (it reads input columns -1 to 1) and make the output two columns wide, which oneDNN computes correctly; the
 first column is kept. It costs a copy of a tiny map, and only where the bug would strike.
 """
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from detectron2.layers import Conv2d as D2Conv2d
 from detectron2.layers import FrozenBatchNorm2d
 
-__all__ = ["guard_one_column_convolutions", "one_column_bf16", "widened", "narrowed"]
+__all__ = ["guard_one_column_convolutions", "is_guarded", "narrowed", "one_column_bf16", "widened"]
 
 WIDENING = 2  # zero columns added on the right
 
@@ -46,10 +46,8 @@ def one_column_bf16(x: Tensor, weight_dtype: torch.dtype, kernel_size: Sequence[
 
 
 def widened(x: Tensor) -> Tensor:
-    """``x`` with :data:`WIDENING` zero columns on the right."""
-    out = F.pad(x, (0, WIDENING))
-    return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
-        memory_format=torch.channels_last) else out
+    """``x`` with :data:`WIDENING` zero columns on the right (in its memory format: F.pad keeps channels-last)."""
+    return F.pad(x, (0, WIDENING))
 
 
 def narrowed(y: Tensor) -> Tensor:
@@ -57,13 +55,10 @@ def narrowed(y: Tensor) -> Tensor:
     return y[..., :1]
 
 
-def _conv_args(conv: nn.Conv2d) -> Tuple:
-    return conv.kernel_size, conv.stride, conv.padding, conv.dilation
-
-
 def _widen_input(conv: nn.Conv2d, args):
     x = args[0]
-    if isinstance(x, Tensor) and one_column_bf16(x, conv.weight.dtype, *_conv_args(conv)):
+    if isinstance(x, Tensor) and one_column_bf16(x, conv.weight.dtype, conv.kernel_size, conv.stride, conv.padding,
+                                                 conv.dilation):
         conv._one_column_widened = True
         return (widened(x),) + tuple(args[1:])
     return None
@@ -86,15 +81,20 @@ def _guardable(module: nn.Module) -> bool:
     return norm is None or isinstance(norm, FrozenBatchNorm2d)
 
 
+def is_guarded(module: nn.Module) -> bool:
+    """Whether ``module`` has the workaround's hooks."""
+    return _widen_input in module._forward_pre_hooks.values()
+
+
 def guard_one_column_convolutions(model: nn.Module) -> int:
     """Hook every convolution of ``model`` that the bug could strike (stride 2 along the width, its output per
-    column) to widen its input and narrow its output when it would (:func:`one_column_bf16`); returns how many.
-    The hooks are module-level functions (a model with them pickles) and do nothing in float32."""
+    column) to widen its input and narrow its output when it would (:func:`one_column_bf16`); returns how many
+    it hooked (none twice). The hooks are module-level functions (a model with them pickles) and do nothing in
+    float32."""
     guarded = 0
     for module in model.modules():
-        if _guardable(module) and not getattr(module, "_one_column_guard", False):
+        if _guardable(module) and not is_guarded(module):
             module.register_forward_pre_hook(_widen_input)
             module.register_forward_hook(_narrow_output)
-            module._one_column_guard = True
             guarded += 1
     return guarded
