@@ -19,8 +19,8 @@ inline Floats load(const uint16_t* from) {
   std::memcpy(&v, &w, sizeof(v));
   return v;
 }
-inline void store(float* to, Floats v) { std::memcpy(to, &v, sizeof(v)); }
-inline void store(uint16_t* to, Floats v) {
+inline void store(float* to, const Floats& v) { std::memcpy(to, &v, sizeof(v)); }
+inline void store(uint16_t* to, const Floats& v) {
   Words w;
   std::memcpy(&w, &v, sizeof(w));
   const Halves h = __builtin_convertvector(w >> 16, Halves);  // v holds bf16 inputs: their lower halves are zero

@@ -18,9 +18,10 @@
 // three terms of coefficient 1); the larger tiles (F(4x4, 3x3): 4x fewer multiply-adds) round 20-40x worse,
 // which the fast path's float32 bound (scores within 1e-5 of the plain model) does not allow.
 //
-// The transforms run over tiles under at::parallel_for, their channel loops compiled for this machine's
-// instruction set (as the attention kernels', see ms_deform_attn_cpu.cpp); the products are one at::bmm.
+// The transforms (winograd_loops.h) run over tiles under at::parallel_for, 16 channels at a time in one vector of
+// this machine's instruction set (the max pool's scheme, see max_pool_cpu.cpp); the products are one at::bmm.
 #include <algorithm>
+#include <cstring>
 #include <string>
 
 #include <ATen/ATen.h>
@@ -40,131 +41,27 @@ struct Geometry {
   int64_t tiles() const { return batch * tiles_h * tiles_w; }
 };
 
-// V[p, tile, c] for the 16 positions p of each tile's 4x4 input block (rows 2 ty - 1 ... 2 ty + 2).
-C10_ALWAYS_INLINE void input_tiles(const float* input, float* v, const Geometry& g, int64_t channels, int64_t begin,
-                                   int64_t end) {
-  const int64_t tiles = g.tiles();
-  for (int64_t tile = begin; tile < end; ++tile) {
-    const int64_t image = tile / (g.tiles_h * g.tiles_w);
-    const int64_t y0 = (tile / g.tiles_w) % g.tiles_h * 2 - 1;
-    const int64_t x0 = tile % g.tiles_w * 2 - 1;
-    for (int64_t c0 = 0; c0 < channels; c0 += kBlock) {
-      const int64_t width = std::min(kBlock, channels - c0);
-      float d[4][4][kBlock];
-      for (int i = 0; i < 4; ++i) {
-        for (int j = 0; j < 4; ++j) {
-          const int64_t y = y0 + i, x = x0 + j;
-          if (y >= 0 && y < g.height && x >= 0 && x < g.width) {
-            const float* from = input + ((image * g.height + y) * g.width + x) * channels + c0;
-            for (int64_t l = 0; l < kBlock; ++l) {
-              d[i][j][l] = l < width ? from[l] : 0.0f;
-            }
-          } else {
-            for (int64_t l = 0; l < kBlock; ++l) {
-              d[i][j][l] = 0.0f;
-            }
-          }
-        }
-      }
-      float t[4][4][kBlock];  // B^T d: combinations of rows
-      for (int j = 0; j < 4; ++j) {
-        for (int64_t l = 0; l < kBlock; ++l) {
-          t[0][j][l] = d[0][j][l] - d[2][j][l];
-          t[1][j][l] = d[1][j][l] + d[2][j][l];
-          t[2][j][l] = d[2][j][l] - d[1][j][l];
-          t[3][j][l] = d[1][j][l] - d[3][j][l];
-        }
-      }
-      for (int i = 0; i < 4; ++i) {  // (B^T d) B: combinations of columns
-        float row[4][kBlock];
-        for (int64_t l = 0; l < kBlock; ++l) {
-          row[0][l] = t[i][0][l] - t[i][2][l];
-          row[1][l] = t[i][1][l] + t[i][2][l];
-          row[2][l] = t[i][2][l] - t[i][1][l];
-          row[3][l] = t[i][1][l] - t[i][3][l];
-        }
-        for (int j = 0; j < 4; ++j) {
-          float* to = v + ((i * 4 + j) * tiles + tile) * channels + c0;
-          for (int64_t l = 0; l < width; ++l) {
-            to[l] = row[j][l];
-          }
-        }
-      }
-    }
-  }
-}
-
-// The 2x2 outputs of each tile from its 16 products M[p, tile, k]: A^T M A + bias, then the ReLU.
-C10_ALWAYS_INLINE void output_tiles(const float* m, const float* bias, float* output, const Geometry& g,
-                                    int64_t channels, bool relu, int64_t begin, int64_t end) {
-  const int64_t tiles = g.tiles();
-  for (int64_t tile = begin; tile < end; ++tile) {
-    const int64_t image = tile / (g.tiles_h * g.tiles_w);
-    const int64_t y0 = (tile / g.tiles_w) % g.tiles_h * 2;
-    const int64_t x0 = tile % g.tiles_w * 2;
-    for (int64_t k0 = 0; k0 < channels; k0 += kBlock) {
-      const int64_t width = std::min(kBlock, channels - k0);
-      float s[2][4][kBlock];  // A^T M: combinations of rows
-      for (int j = 0; j < 4; ++j) {
-        const float* p0 = m + ((0 * 4 + j) * tiles + tile) * channels + k0;
-        const float* p1 = m + ((1 * 4 + j) * tiles + tile) * channels + k0;
-        const float* p2 = m + ((2 * 4 + j) * tiles + tile) * channels + k0;
-        const float* p3 = m + ((3 * 4 + j) * tiles + tile) * channels + k0;
-        for (int64_t l = 0; l < kBlock; ++l) {
-          const float m0 = l < width ? p0[l] : 0.0f, m1 = l < width ? p1[l] : 0.0f;
-          const float m2 = l < width ? p2[l] : 0.0f, m3 = l < width ? p3[l] : 0.0f;
-          s[0][j][l] = m0 + m1 + m2;
-          s[1][j][l] = m1 - m2 - m3;
-        }
-      }
-      for (int i = 0; i < 2; ++i) {
-        const int64_t y = y0 + i;
-        if (y >= g.height) {
-          continue;
-        }
-        float out[2][kBlock];  // (A^T M) A: combinations of columns
-        for (int64_t l = 0; l < kBlock; ++l) {
-          const float b = l < width ? bias[k0 + l] : 0.0f;
-          out[0][l] = s[i][0][l] + s[i][1][l] + s[i][2][l] + b;
-          out[1][l] = s[i][1][l] - s[i][2][l] - s[i][3][l] + b;
-          if (relu) {
-            out[0][l] = std::max(out[0][l], 0.0f);
-            out[1][l] = std::max(out[1][l], 0.0f);
-          }
-        }
-        for (int j = 0; j < 2; ++j) {
-          const int64_t x = x0 + j;
-          if (x >= g.width) {
-            continue;
-          }
-          float* to = output + ((image * g.height + y) * g.width + x) * channels + k0;
-          for (int64_t l = 0; l < width; ++l) {
-            to[l] = out[j][l];
-          }
-        }
-      }
-    }
-  }
-}
-
-// The transforms, compiled for one instruction set each (the loops above inline into them).
-#define WINOGRAD_CPU_LOOPS(ISA, TARGET_ATTRIBUTE)                                                            \
-  TARGET_ATTRIBUTE void input_tiles_##ISA(const float* input, float* v, const Geometry& g, int64_t channels,  \
-                                          int64_t begin, int64_t end) {                                      \
-    input_tiles(input, v, g, channels, begin, end);                                                          \
-  }                                                                                                          \
-  TARGET_ATTRIBUTE void output_tiles_##ISA(const float* m, const float* bias, float* output, const Geometry& g, \
-                                           int64_t channels, bool relu, int64_t begin, int64_t end) {        \
-    output_tiles(m, bias, output, g, channels, relu, begin, end);                                            \
-  }
-
-WINOGRAD_CPU_LOOPS(default, )
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // vectors passed between the loops' own inline helpers only
+namespace generic {
+#include "winograd_loops.h"
+}  // namespace generic
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define WINOGRAD_X86_VARIANTS 1
-WINOGRAD_CPU_LOOPS(avx2, __attribute__((target("avx2,fma"))))
-WINOGRAD_CPU_LOOPS(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))))
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "winograd_loops.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+namespace avx512 {
+#include "winograd_loops.h"
+}  // namespace avx512
+#pragma GCC pop_options
 #endif
-#undef WINOGRAD_CPU_LOOPS
+#pragma GCC diagnostic pop
 
 using InputLoop = void (*)(const float*, float*, const Geometry&, int64_t, int64_t, int64_t);
 using OutputLoop = void (*)(const float*, const float*, float*, const Geometry&, int64_t, bool, int64_t, int64_t);
@@ -174,13 +71,13 @@ std::pair<InputLoop, OutputLoop> loops() {
 #ifdef WINOGRAD_X86_VARIANTS
   const std::string capability = at::get_cpu_capability();
   if (capability == "AVX512") {
-    return {&input_tiles_avx512, &output_tiles_avx512};
+    return {&avx512::input_tiles, &avx512::output_tiles};
   }
   if (capability == "AVX2") {
-    return {&input_tiles_avx2, &output_tiles_avx2};
+    return {&avx2::input_tiles, &avx2::output_tiles};
   }
 #endif
-  return {&input_tiles_default, &output_tiles_default};
+  return {&generic::input_tiles, &generic::output_tiles};
 }
 
 at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& transformed_weight, const at::Tensor& bias,

@@ -83,14 +83,15 @@ def test_every_instruction_set():
 
 
 def test_fast_float32_resnet_runs_its_wide_3x3_convolutions_by_winograd(tiny_model):
-    """In float32, the blocks' 3x3 convolutions of stride 1 with 256 channels or more (ResNet-50: 5 of res4's 6
-    blocks, 2 of res5's 3) run by Winograd, the others by oneDNN; the features are the folded backbone's (float32
+    """In float32, the blocks' 3x3 convolutions of stride 1 with 128 channels or more (ResNet-50: 3 of res3's 4
+    blocks, 5 of res4's 6, 2 of res5's 3) run by Winograd, the others by oneDNN; the features are the folded backbone's (float32
     rounding); bf16 keeps oneDNN; a changed weight is transformed again."""
     model = tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32)
     fast = FastInferenceModel(model, torch.float32)
     convs = [m for m in fast.model.modules() if isinstance(m, WinogradConv)]
-    assert len(convs) == 7
-    assert all(c.conv.in_channels >= 256 and c.stride == (1, 1) for c in convs)
+    assert len(convs) == 10
+    assert sorted(c.conv.in_channels for c in convs) == [128] * 3 + [256] * 5 + [512] * 2
+    assert all(c.stride == (1, 1) for c in convs)
     assert not any(isinstance(m, WinogradConv) for m in FastInferenceModel(model, torch.bfloat16).modules())
 
     backbone = model.backbone

@@ -11,7 +11,7 @@ convolution); in bf16 the fused residual addition is rounded once instead of twi
 
 :func:`fuse_resnet` rewrites the stem and the blocks of a folded ResNet in place; anything else (a Swin, a
 ResNet with GroupNorm, which cannot be folded, a CUDA model) is left as it is. In float32 (``winograd=True``), the
-blocks' 3x3 convolutions of stride 1 with 256 channels or more in and out run by Winograd's F(2x2, 3x3)
+blocks' 3x3 convolutions of stride 1 with 128 channels or more in and out run by Winograd's F(2x2, 3x3)
 (:class:`WinogradConv`): 2.25x fewer multiply-adds, rounded as closely as oneDNN's direct convolution.
 """
 from typing import Callable, Optional
@@ -107,11 +107,12 @@ class FusedConv(_PackedWeight):
 
 # G of F(2x2, 3x3): the transformed weight of each of a 4x4 tile's 16 positions is G w G^T
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-# Below 256 channels the products are too thin, and the transformed tiles too many, to pay for the transforms
-# (measured on the 2-core Xeon at 800x1199, one thread, in the model: ResNet-50's res4 and res5 convolutions,
-# 256 and 512 channels, 30-34 against 47-51 ms and 29-32 against 48 ms; res3's, 128 channels, 71-73 against
-# 43-45 ms; res2's 4x slower).
-WINOGRAD_MIN_CHANNELS = 256
+# Below 128 channels the products are too thin, and the transformed tiles too many, to pay for the transforms.
+# Measured on the 2-core Xeon at 800x1199 against oneDNN's direct convolution (float32, the op alone, fastest of 9
+# interleaved runs, 1 / 2 threads): ResNet-50's res4, 256 channels, 24.7 / 13.7 against 40.9 / 23.1 ms; res5, 512
+# channels, 28.4 / 16.0 against 45.8 / 25.6 ms; res3, 128 channels, 27.9 / 16.5 against 39.3 / 24.4 ms; res2, 64
+# channels, 40.4 / 23.0 against 35.1 / 23.2 ms (its transforms move 4x the bytes of its products).
+WINOGRAD_MIN_CHANNELS = 128
 
 
 def winograd_weight(weight: Tensor) -> Tensor:
@@ -135,8 +136,8 @@ def _winograd_fusable(conv: nn.Module) -> bool:
 class WinogradConv(_PackedWeight):
     """``conv`` (a folded 3x3 Detectron2 Conv2d of stride 1 and padding 1) in float32 as ``relu?(conv(x) + bias)``
     by Winograd's F(2x2, 3x3): ``torch.ops.sparse_detr_C.winograd_conv3x3`` (``csrc/winograd_cpu.cpp``) with the
-    transformed weight computed once (again only when the weight changes). Measured on the 2-core Xeon at 800x1199
-    against oneDNN's direct convolution: 16 against 24 ms for res4's 256 channels, 16 against 27 ms for res5's."""
+    transformed weight computed once (again only when the weight changes); see :data:`WINOGRAD_MIN_CHANNELS` for
+    what it gains."""
 
     def __init__(self, conv: nn.Conv2d, relu: bool):
         super().__init__()

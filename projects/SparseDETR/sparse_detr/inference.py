@@ -6,7 +6,7 @@ same detections faster; the model itself (its modules, state dict and checkpoint
 * batch norms (frozen, or in eval mode) are folded into the convolutions before them;
 * the convolutional backbone runs channels-last; on the CPU a folded ResNet's convolutions apply their ReLU
   and residual addition as oneDNN post-ops (:mod:`sparse_detr.fusion`) instead of separate passes, and in
-  float32 its blocks' 3x3 convolutions of 256 channels or more run by Winograd's F(2x2, 3x3);
+  float32 its blocks' 3x3 convolutions of 128 channels or more run by Winograd's F(2x2, 3x3);
 * the input projections' convolutions and the transformer's linear layers (in float32 only over 8,192 rows or
   more: a large image's tokens) keep their weights in oneDNN's layout and add their bias in the same call
   (:func:`~sparse_detr.fusion.pack_convolutions`, :func:`~sparse_detr.fusion.pack_linears`);
