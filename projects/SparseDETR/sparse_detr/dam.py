@@ -9,9 +9,16 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
+from .layers.ms_deform_attn import _use_compiled, compiled_kernels_available
 from .transformer import TransformerOutput
 
-__all__ = ["dam_recall_masses", "dam_recall_summary", "decoder_attention_map", "output_dam", "updated_token_mask"]
+__all__ = ["dam_kernel_available", "dam_recall_masses", "dam_recall_summary", "decoder_attention_map", "output_dam",
+           "updated_token_mask"]
+
+
+def dam_kernel_available() -> bool:
+    """Whether ``sparse_detr._C`` is loaded with its DAM kernel (a build older than it has none)."""
+    return compiled_kernels_available("cpu") and hasattr(torch.ops.sparse_detr_C, "decoder_attention_map")
 
 
 @torch.no_grad()
@@ -24,7 +31,18 @@ def decoder_attention_map(spatial_shapes: Tensor, level_start_index: Tensor, sam
     Returns:
         (N, S): each cell gets the bilinear share of the weights at location * (W, H) (no half-pixel
         shift) from its four neighbours; shares falling outside a level's map are dropped.
+
+    In float32 on the CPU, when the compiled kernels serve (``$SPARSE_DETR_MS_DEFORM_ATTN``, as for the attention),
+    ``torch.ops.sparse_detr_C.decoder_attention_map`` (``csrc/dam_cpu.cpp``) computes the same map bit for bit in
+    one pass over the samples instead of some 70 (at 800x1199 with 300 queries, 41 against 1.4 ms on the 2-core
+    Xeon's two threads).
     """
+    if (sampling_locations.device.type == "cpu" and sampling_locations.dtype == torch.float32
+            and attention_weights.dtype == torch.float32 and dam_kernel_available()
+            and _use_compiled(sampling_locations.device)):
+        return torch.ops.sparse_detr_C.decoder_attention_map(spatial_shapes.cpu().long(),
+                                                             level_start_index.cpu().long(), sampling_locations,
+                                                             attention_weights)
     n, num_levels = sampling_locations.shape[0], spatial_shapes.shape[0]
     wh = spatial_shapes.flip(-1).to(sampling_locations.dtype)  # (L, 2) as (W, H)
     pixel = sampling_locations * wh[:, None, :]
