@@ -50,9 +50,18 @@ C10_ALWAYS_INLINE void forward_rows(const ForwardArgs<scalar_t, index_t>& args, 
   index_t head = static_cast<index_t>(begin % heads);
   index_t query = static_cast<index_t>((begin / heads) % queries);
   index_t image = static_cast<index_t>(begin / (heads * queries));
+  // a head of 4k groups (the fast path's decoder samples all 256 channels of a token) takes 4 at a time: each
+  // point's interpolation is computed once for them (800x1199, two threads: 3.2-3.4 against 7.1-7.4 ms a layer)
+  const bool by_fours = kChannels > 1 && args.size.channels % (4 * kChannels) == 0;
   for (int64_t row = begin; row < end; ++row) {
-    for (index_t channel = 0; channel < args.size.channels; channel += kChannels) {
-      forward_unit<kChannels, 1>(args, image, query, head, channel);
+    if (by_fours) {
+      for (index_t channel = 0; channel < args.size.channels; channel += 4 * kChannels) {
+        forward_unit<kChannels, 1, 4>(args, image, query, head, channel);
+      }
+    } else {
+      for (index_t channel = 0; channel < args.size.channels; channel += kChannels) {
+        forward_unit<kChannels, 1>(args, image, query, head, channel);
+      }
     }
     if (++head == heads) {
       head = 0;

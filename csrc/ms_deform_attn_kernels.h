@@ -380,8 +380,10 @@ MSDA_INLINE bool level_inside(int64_t start, int64_t height, int64_t width, int6
 
 // ---- forward -----------------------------------------------------------------------------------------
 
-// out[image, query, head, first_channel + c] for c < kChannels.
-template <int kChannels, int kPack, typename scalar_t, typename index_t>
+// out[image, query, head, first_channel + c] for c < kChannels * kGroups: kGroups groups of kChannels channels that
+// share each point's interpolation (the CPU's wide heads; a GPU thread takes one group). Every channel's sum takes
+// the same terms in the same order whatever kGroups is.
+template <int kChannels, int kPack, int kGroups = 1, typename scalar_t, typename index_t>
 MSDA_INLINE void forward_unit(const ForwardArgs<scalar_t, index_t>& args, index_t image, index_t query,
                               index_t head, index_t first_channel) {
   using acc_t = acc_type<scalar_t>;
@@ -389,7 +391,7 @@ MSDA_INLINE void forward_unit(const ForwardArgs<scalar_t, index_t>& args, index_
   const index_t token_stride = size.heads * size.channels;  // between the rows of two tokens
   const scalar_t* image_value = args.value + (image * size.tokens * size.heads + head) * size.channels + first_channel;
   const index_t first_slot = ((image * size.queries + query) * size.heads + head) * size.levels * size.points;
-  acc_t sum[kChannels] = {};
+  acc_t sum[kChannels * kGroups] = {};
   for (index_t level = 0; level < size.levels; ++level) {
     const int64_t start = args.level_start_index[level];
     const int64_t height64 = args.spatial_shapes[2 * level], width64 = args.spatial_shapes[2 * level + 1];
@@ -415,13 +417,21 @@ MSDA_UNROLL
         const acc_t y_weight = attention * y.weights[dy];
 MSDA_UNROLL
         for (int dx = 0; dx < 2; ++dx) {
-          add_scaled_row<kChannels, kPack>(sum, row + x.cells[dx] * token_stride, y_weight * x.weights[dx]);
+          const scalar_t* cell = row + x.cells[dx] * token_stride;
+          const acc_t weight = y_weight * x.weights[dx];
+MSDA_UNROLL
+          for (int group = 0; group < kGroups; ++group) {
+            add_scaled_row<kChannels, kPack>(sum + group * kChannels, cell + group * kChannels, weight);
+          }
         }
       }
     }
   }
   const index_t out = ((image * size.queries + query) * size.heads + head) * size.channels + first_channel;
-  store_channels<kChannels, kPack>(args.output + out, sum);
+MSDA_UNROLL
+  for (int group = 0; group < kGroups; ++group) {
+    store_channels<kChannels, kPack>(args.output + out + group * kChannels, sum + group * kChannels);
+  }
 }
 
 // Units in the order (image, query, head, group): a GPU's neighbouring threads read neighbouring channels.

@@ -184,8 +184,9 @@ def test_use_implementation_sets_and_restores_the_switch(monkeypatch):
 # ---- the compiled CPU kernel against the PyTorch implementation ----------------------------------------
 
 
+# 128 and 256: the CPU forward takes four 32-channel groups of a head at a time (wide heads)
 @pytest.mark.parametrize("shapes", SHAPE_CASES.values(), ids=SHAPE_CASES.keys())
-@pytest.mark.parametrize("head_dim", [16, 30, 32, 64, 71])
+@pytest.mark.parametrize("head_dim", [16, 30, 32, 64, 71, 128, 256])
 def test_float64_output_and_gradients_match(shapes, head_dim):
     inputs, grad_output = typed_inputs(torch.float64, shapes, head_dim, queries=4)
     compiled = run_op("compiled", *inputs, grad_output)
@@ -194,7 +195,7 @@ def test_float64_output_and_gradients_match(shapes, head_dim):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [8, 16, 30, 32, 64, 71])
+@pytest.mark.parametrize("head_dim", [8, 16, 30, 32, 64, 71, 128])
 def test_lower_precisions_match(dtype, head_dim):
     for seed in SEEDS:
         inputs, grad_output = typed_inputs(dtype, head_dim=head_dim, seed=seed)
@@ -375,7 +376,7 @@ def test_every_instruction_set():
         sys.path.insert(0, "tests")
         from test_ms_deform_attn_kernels import assert_near_reference, run_op, typed_inputs
         for dtype in (torch.float32, torch.bfloat16):
-            for head_dim in (32, 16, 64, 30):
+            for head_dim in (32, 16, 64, 30, 128):
                 inputs, grad_output = typed_inputs(dtype, head_dim=head_dim)
                 assert_near_reference(run_op("compiled", *inputs, grad_output), run_op("pytorch", *inputs, grad_output),
                                       inputs, grad_output)
