@@ -46,27 +46,8 @@ inline void put(uint16_t* to, float x) {
   *to = static_cast<uint16_t>(wide >> 16);  // x is one of the bf16 inputs: its lower half is zero
 }
 
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"  // vectors passed between the loops' own inline helpers only
-namespace generic {
-#include "max_pool_loops.h"
-}  // namespace generic
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MAX_POOL_X86_VARIANTS 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "max_pool_loops.h"
-}  // namespace avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
-namespace avx512 {
-#include "max_pool_loops.h"
-}  // namespace avx512
-#pragma GCC pop_options
-#endif
-#pragma GCC diagnostic pop
+#define ISA_VARIANT_LOOPS "max_pool_loops.h"
+#include "isa_variants.h"
 
 template <typename T>
 using Loop = void (*)(const T*, T*, const Shape&, int64_t, int64_t);
@@ -74,7 +55,7 @@ using Loop = void (*)(const T*, T*, const Shape&, int64_t, int64_t);
 // The variant of ATen's CPU capability (ATEN_CPU_CAPABILITY=default|avx2|avx512 picks another).
 template <typename T>
 Loop<T> loop() {
-#ifdef MAX_POOL_X86_VARIANTS
+#ifdef SPARSE_DETR_X86_VARIANTS
   const std::string capability = at::get_cpu_capability();
   if (capability == "AVX512") {
     return &avx512::pool_rows<T>;

@@ -41,34 +41,15 @@ struct Geometry {
   int64_t tiles() const { return batch * tiles_h * tiles_w; }
 };
 
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"  // vectors passed between the loops' own inline helpers only
-namespace generic {
-#include "winograd_loops.h"
-}  // namespace generic
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define WINOGRAD_X86_VARIANTS 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "winograd_loops.h"
-}  // namespace avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
-namespace avx512 {
-#include "winograd_loops.h"
-}  // namespace avx512
-#pragma GCC pop_options
-#endif
-#pragma GCC diagnostic pop
+#define ISA_VARIANT_LOOPS "winograd_loops.h"
+#include "isa_variants.h"
 
 using InputLoop = void (*)(const float*, float*, const Geometry&, int64_t, int64_t, int64_t);
 using OutputLoop = void (*)(const float*, const float*, float*, const Geometry&, int64_t, bool, int64_t, int64_t);
 
 // The variant of ATen's CPU capability (ATEN_CPU_CAPABILITY=default|avx2|avx512 picks another).
 std::pair<InputLoop, OutputLoop> loops() {
-#ifdef WINOGRAD_X86_VARIANTS
+#ifdef SPARSE_DETR_X86_VARIANTS
   const std::string capability = at::get_cpu_capability();
   if (capability == "AVX512") {
     return {&avx512::input_tiles, &avx512::output_tiles};

@@ -1,0 +1,31 @@
+// Includes ISA_VARIANT_LOOPS, a header of loops that the including source file names, once for each instruction set
+// the CPU kernels are compiled for, each in a namespace of its own: `generic` (any CPU), and on x86-64 with GCC
+// `avx2` (AVX2 + FMA) and `avx512` (AVX-512) under `#pragma GCC target`, which SPARSE_DETR_X86_VARIANTS then marks.
+// GCC's vector extensions in the loops become one register of the instruction set only in code compiled for it (a
+// generic helper inlined into a target function keeps its vectors split into scalars). Included once per source file
+// (max_pool_cpu.cpp, winograd_cpu.cpp), after the definitions the loops use.
+#ifndef ISA_VARIANT_LOOPS
+#error "define ISA_VARIANT_LOOPS as the header of loops to include"
+#endif
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // vectors passed between the loops' own inline helpers only
+namespace generic {
+#include ISA_VARIANT_LOOPS
+}  // namespace generic
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPARSE_DETR_X86_VARIANTS 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include ISA_VARIANT_LOOPS
+}  // namespace avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+namespace avx512 {
+#include ISA_VARIANT_LOOPS
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+#pragma GCC diagnostic pop
