@@ -301,8 +301,9 @@ class SparseDeformableTransformer(nn.Module):
         L * P * 4 * TAP_COST multiply-adds against S * C + Lq * L * P * 4 * TAP_COST, a bilinear tap of one channel
         counted as TAP_COST multiply-adds of a matrix multiplication (float32 on the 2-core Xeon, two threads:
         sampling 256 channels for 2,400 (query, head) pairs at random locations took 6.3 ms, projecting 20k tokens
-        17.3 ms, 12 to 1; at the decoder's own locations 7 to 1). At 800x1199 the decoder's 300 queries sample first and the sparse encoder's 2,000 project first; on a
-        small image (1k tokens) 300 queries project first, the demo config's 30 sample first."""
+        17.3 ms, 12 to 1; at the decoder's own locations 7 to 1). At 800x1199 the decoder's 300 queries sample
+        first and the sparse encoder's 2,000 project first; on a small image (1k tokens) 300 queries project first,
+        the demo config's 30 sample first."""
         attn = self.decoder.layers[0].cross_attn
         taps = num_queries * attn.n_levels * attn.n_points * 4 * self.TAP_COST
         return num_queries * self.d_model + taps * attn.n_heads < num_tokens * self.d_model + taps
@@ -405,7 +406,7 @@ class SparseDeformableTransformer(nn.Module):
             if in_place and all_written_back:  # (one image, or equal n_i): no old rows to keep
                 update = query
             else:
-                update = torch.where(write_back, query, gather(memory) if in_place else memory.gather(1, index))
+                update = torch.where(write_back, query, gather(memory))
             if in_place:
                 update = update.reshape(-1, memory.shape[-1])
                 memory.view(-1, memory.shape[-1]).index_copy_(0, rows, update)
