@@ -19,7 +19,15 @@
 // which the fast path's float32 bound (scores within 1e-5 of the plain model) does not allow.
 //
 // The transforms (winograd_loops.h) run over tiles under at::parallel_for, 16 channels at a time in one vector of
-// this machine's instruction set (the max pool's scheme, see max_pool_cpu.cpp); the products are one at::bmm.
+// this machine's instruction set (the max pool's scheme, see max_pool_cpu.cpp). winograd_conv3x3 takes the products
+// as one at::bmm (MKL's batched sgemm). The two transforms are also ops of their own, for products computed
+// elsewhere (sparse_detr/fusion.py: oneDNN's grouped 1x1 convolution, faster than MKL on CPUs other than Intel's):
+//
+//   sparse_detr_C::winograd_input_tiles(input) -> V                          (tiles, 16, C), contiguous
+//   sparse_detr_C::winograd_output_tiles(M, bias, relu, size) -> output     M (tiles, 16, K), K contiguous;
+//                                                                            size (N, H, W) of the input
+//
+// where tiles = N * ceil(H / 2) * ceil(W / 2), in the order (image, tile row, tile column).
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -41,11 +49,21 @@ struct Geometry {
   int64_t tiles() const { return batch * tiles_h * tiles_w; }
 };
 
+Geometry geometry_of(int64_t batch, int64_t height, int64_t width) {
+  return {batch, height, width, (height + 1) / 2, (width + 1) / 2};
+}
+
+// Where V[p, tile, c] (or M[p, tile, k]) lies: p * position + tile * tile + c from the start.
+struct Layout {
+  int64_t position, tile;
+};
+
 #define ISA_VARIANT_LOOPS "winograd_loops.h"
 #include "isa_variants.h"
 
-using InputLoop = void (*)(const float*, float*, const Geometry&, int64_t, int64_t, int64_t);
-using OutputLoop = void (*)(const float*, const float*, float*, const Geometry&, int64_t, bool, int64_t, int64_t);
+using InputLoop = void (*)(const float*, float*, const Geometry&, const Layout&, int64_t, int64_t, int64_t);
+using OutputLoop = void (*)(const float*, const float*, float*, const Geometry&, const Layout&, int64_t, bool, int64_t,
+                            int64_t);
 
 // The variant of ATen's CPU capability (ATEN_CPU_CAPABILITY=default|avx2|avx512 picks another).
 std::pair<InputLoop, OutputLoop> loops() {
@@ -61,38 +79,91 @@ std::pair<InputLoop, OutputLoop> loops() {
   return {&generic::input_tiles, &generic::output_tiles};
 }
 
+void check_input(const at::Tensor& input, const char* op) {
+  TORCH_CHECK(input.dim() == 4 && input.scalar_type() == at::kFloat && input.device().is_cpu(), op,
+              ": input must be a (N, C, H, W) float32 CPU tensor, got ", input.sizes(), " ", input.scalar_type(),
+              " on ", input.device());
+}
+
+void check_bias(const at::Tensor& bias, int64_t out_channels, const char* op) {
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == out_channels && bias.scalar_type() == at::kFloat, op,
+              ": bias must be (K,) float32 with K = ", out_channels, ", got ", bias.sizes(), " ", bias.scalar_type());
+}
+
+// V = B^T d B of every tile of the channels-last `input`, into `v` laid out as `layout` says.
+void transform_input(const at::Tensor& input, const Geometry& g, float* v, const Layout& layout) {
+  const at::Tensor in = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const InputLoop input_loop = loops().first;
+  at::parallel_for(0, g.tiles(), kTileGrain, [&](int64_t begin, int64_t end) {
+    input_loop(in.data_ptr<float>(), v, g, layout, input.size(1), begin, end);
+  });
+}
+
+// relu?(A^T M A + bias) of every tile, from `m` laid out as `layout` says, as a channels-last (N, K, H, W) tensor.
+at::Tensor transform_output(const float* m, const Layout& layout, const at::Tensor& bias, bool relu,
+                            const Geometry& g, const at::TensorOptions& options) {
+  const int64_t out_channels = bias.size(0);
+  at::Tensor output = at::empty({g.batch, out_channels, g.height, g.width},
+                                options.memory_format(at::MemoryFormat::ChannelsLast));
+  const at::Tensor b = bias.contiguous();
+  const OutputLoop output_loop = loops().second;
+  at::parallel_for(0, g.tiles(), kTileGrain, [&](int64_t begin, int64_t end) {
+    output_loop(m, b.data_ptr<float>(), output.data_ptr<float>(), g, layout, out_channels, relu, begin, end);
+  });
+  return output;
+}
+
 at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& transformed_weight, const at::Tensor& bias,
                             bool relu) {
-  TORCH_CHECK(input.dim() == 4 && input.scalar_type() == at::kFloat && input.device().is_cpu(),
-              "winograd_conv3x3: input must be a (N, C, H, W) float32 CPU tensor, got ", input.sizes(), " ",
-              input.scalar_type(), " on ", input.device());
+  check_input(input, "winograd_conv3x3");
   const int64_t channels = input.size(1);
   TORCH_CHECK(transformed_weight.dim() == 3 && transformed_weight.size(0) == 16 &&
                   transformed_weight.size(1) == channels && transformed_weight.scalar_type() == at::kFloat,
               "winograd_conv3x3: transformed_weight must be (16, C, K) float32 with C = ", channels, ", got ",
               transformed_weight.sizes(), " ", transformed_weight.scalar_type());
   const int64_t out_channels = transformed_weight.size(2);
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == out_channels && bias.scalar_type() == at::kFloat,
-              "winograd_conv3x3: bias must be (K,) float32 with K = ", out_channels, ", got ", bias.sizes());
-  const at::Tensor in = input.contiguous(at::MemoryFormat::ChannelsLast);
-  const Geometry g{input.size(0), input.size(2), input.size(3), (input.size(2) + 1) / 2, (input.size(3) + 1) / 2};
-  at::Tensor output = at::empty({g.batch, out_channels, g.height, g.width},
-                                input.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (output.numel() == 0) {
-    return output;
+  check_bias(bias, out_channels, "winograd_conv3x3");
+  const Geometry g = geometry_of(input.size(0), input.size(2), input.size(3));
+  if (g.tiles() == 0) {
+    return at::empty({g.batch, out_channels, g.height, g.width},
+                     input.options().memory_format(at::MemoryFormat::ChannelsLast));
   }
-  const auto [input_loop, output_loop] = loops();
+  // position-major (16, tiles, C): the 16 products are one batched matrix product
   at::Tensor v = at::empty({16, g.tiles(), channels}, input.options());
-  at::parallel_for(0, g.tiles(), kTileGrain, [&](int64_t begin, int64_t end) {
-    input_loop(in.data_ptr<float>(), v.data_ptr<float>(), g, channels, begin, end);
-  });
+  transform_input(input, g, v.data_ptr<float>(), Layout{g.tiles() * channels, channels});
   const at::Tensor m = at::bmm(v, transformed_weight.contiguous());
-  const at::Tensor b = bias.contiguous();
-  at::parallel_for(0, g.tiles(), kTileGrain, [&](int64_t begin, int64_t end) {
-    output_loop(m.data_ptr<float>(), b.data_ptr<float>(), output.data_ptr<float>(), g, out_channels, relu, begin,
-                end);
-  });
-  return output;
+  return transform_output(m.data_ptr<float>(), Layout{g.tiles() * out_channels, out_channels}, bias, relu, g,
+                          input.options());
+}
+
+at::Tensor winograd_input_tiles(const at::Tensor& input) {
+  check_input(input, "winograd_input_tiles");
+  const Geometry g = geometry_of(input.size(0), input.size(2), input.size(3));
+  const int64_t channels = input.size(1);
+  at::Tensor v = at::empty({g.tiles(), 16, channels}, input.options());
+  if (v.numel() > 0) {
+    transform_input(input, g, v.data_ptr<float>(), Layout{channels, 16 * channels});
+  }
+  return v;
+}
+
+at::Tensor winograd_output_tiles(const at::Tensor& products, const at::Tensor& bias, bool relu, at::IntArrayRef size) {
+  TORCH_CHECK(size.size() == 3 && size[0] >= 0 && size[1] >= 0 && size[2] >= 0,
+              "winograd_output_tiles: size must be the input's (N, H, W), got ", size);
+  const Geometry g = geometry_of(size[0], size[1], size[2]);
+  TORCH_CHECK(products.dim() == 3 && products.size(0) == g.tiles() && products.size(1) == 16 &&
+                  products.scalar_type() == at::kFloat && products.device().is_cpu() &&
+                  (products.stride(2) == 1 || products.size(2) <= 1),
+              "winograd_output_tiles: products must be a (tiles, 16, K) float32 CPU tensor with K contiguous and ",
+              "tiles = ", g.tiles(), " for an input of size ", size, ", got ", products.sizes(), " strides ",
+              products.strides(), " ", products.scalar_type(), " on ", products.device());
+  check_bias(bias, products.size(2), "winograd_output_tiles");
+  if (g.tiles() == 0 || products.size(2) == 0) {
+    return at::empty({g.batch, products.size(2), g.height, g.width},
+                     products.options().memory_format(at::MemoryFormat::ChannelsLast));
+  }
+  return transform_output(products.data_ptr<float>(), Layout{products.stride(1), products.stride(0)}, bias, relu, g,
+                          products.options());
 }
 
 }  // namespace
@@ -100,6 +171,12 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& transform
 
 TORCH_LIBRARY_FRAGMENT(MSDA_LIBRARY, m) {
   m.def("winograd_conv3x3(Tensor input, Tensor transformed_weight, Tensor bias, bool relu) -> Tensor");
+  m.def("winograd_input_tiles(Tensor input) -> Tensor");
+  m.def("winograd_output_tiles(Tensor products, Tensor bias, bool relu, int[] size) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(MSDA_LIBRARY, CPU, m) { m.impl("winograd_conv3x3", &sparse_detr::winograd_conv3x3); }
+TORCH_LIBRARY_IMPL(MSDA_LIBRARY, CPU, m) {
+  m.impl("winograd_conv3x3", &sparse_detr::winograd_conv3x3);
+  m.impl("winograd_input_tiles", &sparse_detr::winograd_input_tiles);
+  m.impl("winograd_output_tiles", &sparse_detr::winograd_output_tiles);
+}

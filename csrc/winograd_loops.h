@@ -25,9 +25,9 @@ inline void store(float* to, const Floats& v, int64_t width) {
 }
 
 // V[p, tile, c] = (B^T d B)[p] for the 16 positions p of each tile's 4x4 input block (rows 2 ty - 1 ... 2 ty + 2,
-// zero outside the image).
-void input_tiles(const float* input, float* v, const Geometry& g, int64_t channels, int64_t begin, int64_t end) {
-  const int64_t tiles = g.tiles();
+// zero outside the image), at v + p * layout.position + tile * layout.tile + c.
+void input_tiles(const float* input, float* v, const Geometry& g, const Layout& layout, int64_t channels,
+                 int64_t begin, int64_t end) {
   for (int64_t tile = begin; tile < end; ++tile) {
     const int64_t image = tile / (g.tiles_h * g.tiles_w);
     const int64_t y0 = (tile / g.tiles_w) % g.tiles_h * 2 - 1;
@@ -59,7 +59,7 @@ void input_tiles(const float* input, float* v, const Geometry& g, int64_t channe
       for (int i = 0; i < 4; ++i) {  // (B^T d) B: combinations of columns
         const Floats row[4] = {t[i][0] - t[i][2], t[i][1] + t[i][2], t[i][2] - t[i][1], t[i][1] - t[i][3]};
         for (int j = 0; j < 4; ++j) {
-          store(v + ((i * 4 + j) * tiles + tile) * channels + c0, row[j], width);
+          store(v + (i * 4 + j) * layout.position + tile * layout.tile + c0, row[j], width);
         }
       }
     }
@@ -67,10 +67,9 @@ void input_tiles(const float* input, float* v, const Geometry& g, int64_t channe
 }
 
 // The 2x2 outputs of each tile from its 16 products M[p, tile, k]: A^T M A + bias, then the ReLU (a NaN stays NaN,
-// as std::max(x, 0) keeps it).
-void output_tiles(const float* m, const float* bias, float* output, const Geometry& g, int64_t channels, bool relu,
-                  int64_t begin, int64_t end) {
-  const int64_t tiles = g.tiles();
+// as std::max(x, 0) keeps it). M[p, tile, k] is at m + p * layout.position + tile * layout.tile + k.
+void output_tiles(const float* m, const float* bias, float* output, const Geometry& g, const Layout& layout,
+                  int64_t channels, bool relu, int64_t begin, int64_t end) {
   const Floats zero = {};
   for (int64_t tile = begin; tile < end; ++tile) {
     const int64_t image = tile / (g.tiles_h * g.tiles_w);
@@ -80,10 +79,10 @@ void output_tiles(const float* m, const float* bias, float* output, const Geomet
       const int64_t width = std::min(kBlock, channels - k0);
       Floats s[2][4];  // A^T M: combinations of rows
       for (int j = 0; j < 4; ++j) {
-        const Floats m0 = load(m + ((0 * 4 + j) * tiles + tile) * channels + k0, width);
-        const Floats m1 = load(m + ((1 * 4 + j) * tiles + tile) * channels + k0, width);
-        const Floats m2 = load(m + ((2 * 4 + j) * tiles + tile) * channels + k0, width);
-        const Floats m3 = load(m + ((3 * 4 + j) * tiles + tile) * channels + k0, width);
+        const Floats m0 = load(m + (0 * 4 + j) * layout.position + tile * layout.tile + k0, width);
+        const Floats m1 = load(m + (1 * 4 + j) * layout.position + tile * layout.tile + k0, width);
+        const Floats m2 = load(m + (2 * 4 + j) * layout.position + tile * layout.tile + k0, width);
+        const Floats m3 = load(m + (3 * 4 + j) * layout.position + tile * layout.tile + k0, width);
         s[0][j] = m0 + m1 + m2;
         s[1][j] = m1 - m2 - m3;
       }

@@ -215,6 +215,31 @@ def test_an_ab_side_can_be_the_authors_code_path_with_the_pytorch_attention():
         {"MS_DEFORM_ATTN": "pytorch", "MALLOC": "default"}, ["TEST.FAST_INFERENCE", "False"])
 
 
+def test_an_ab_side_chooses_where_its_float32_products_run(monkeypatch):
+    """FLOAT32_MATMUL mkl|onednn: each side's fast path is built with $SPARSE_DETR_FLOAT32_MATMUL set to it (its
+    linear layers take oneDNN from PACKED_FLOAT32_MIN_ROWS rows on, or for every size), the variable is as it was
+    afterwards, the path names it, the detections agree within float32 rounding; a bad value is named."""
+    from sparse_detr.fusion import FLOAT32_MATMUL_ENV, PACKED_FLOAT32_MIN_ROWS, PackedLinear
+    monkeypatch.setenv(FLOAT32_MATMUL_ENV, "auto")
+    sides = [build_side(DEMO_CONFIG, TINY_DEMO, label, f"TEST.PRECISION float32 FLOAT32_MATMUL {library}")
+             for label, library in (("A", "mkl"), ("B", "onednn"))]
+    assert (sides[0].matmul, sides[1].matmul) == ("mkl", "onednn")
+    runs = ab_runs(sides, "inference", (HEIGHT, WIDTH), batch_size=1, device=torch.device("cpu"))
+    assert os.environ[FLOAT32_MATMUL_ENV] == "auto"
+    assert {label: run.path for label, run in runs.items()} == {"A": "fast, float32, float32 products: mkl",
+                                                                 "B": "fast, float32, float32 products: onednn"}
+    for label, min_rows in (("A", PACKED_FLOAT32_MIN_ROWS), ("B", 0)):
+        linears = [m for m in runs[label].call.func.modules() if isinstance(m, PackedLinear)]
+        assert linears and all(m.float32_min_rows == min_rows for m in linears)
+    with torch.no_grad():
+        a, b = (runs[label].call()[0]["instances"] for label in "AB")
+    assert torch.equal(a.pred_classes, b.pred_classes)
+    torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="--ab side A 'FLOAT32_MATMUL blas': FLOAT32_MATMUL is one of auto, mkl, "
+                                         "onednn, got 'blas'"):
+        build_side(DEMO_CONFIG, TINY_DEMO, "A", "FLOAT32_MATMUL blas")
+
+
 def test_ab_training_sides_train_alike_on_the_same_batch_with_the_same_seeds():
     """Two sides of one configuration (dropout on) taking turns: the same batch, initial weights and per-turn
     seeds give bitwise the same weights after each side's two iterations, and the iterations changed them."""

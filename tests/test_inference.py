@@ -14,6 +14,7 @@ from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock
 from detectron2.utils.events import EventStorage
 
 from conftest import build_config
+from sparse_detr import inference
 from sparse_detr.backbone import sine_position_embedding
 from sparse_detr.inference import (CenteredGroupNorm, FastInferenceModel, build_inference_model, fold_batch_norms,
                                    has_native_bf16, inference_precision)
@@ -220,7 +221,8 @@ def test_sampling_unprojected_values_equals_projecting_first(references):
 def test_decoder_samples_first_where_that_costs_less(tiny_model, make_batch, monkeypatch):
     """The fast path's float32 decoder samples the memory first when the rule says it costs less (at 800x1199:
     300 queries, 20k tokens; not the sparse encoder's 2,000 queries), and still gives the plain detections
-    (scores within 1e-5) on a padded pair; the bf16 path projects first."""
+    (scores within 1e-5) on a padded pair; the bf16 path projects first where the CPU has AMX, samples first where
+    it does not."""
     paper = SparseDeformableTransformer(num_classes=91, rho=0.1, two_stage=True)  # the paper's dimensions
     assert paper._cheaper_after_sampling(300, 19947)  # the decoder at 800x1199
     assert not paper._cheaper_after_sampling(1995, 19947)  # the sparse encoder's kept tokens
@@ -229,7 +231,9 @@ def test_decoder_samples_first_where_that_costs_less(tiny_model, make_batch, mon
     transformer = model.transformer
     fast = FastInferenceModel(model, torch.float32)
     assert fast.model.transformer.project_values_after_sampling and not transformer.project_values_after_sampling
-    assert not FastInferenceModel(model, torch.bfloat16).model.transformer.project_values_after_sampling
+    for amx in (True, False):
+        monkeypatch.setattr(inference, "has_amx", lambda amx=amx: amx)
+        assert FastInferenceModel(model, torch.bfloat16).model.transformer.project_values_after_sampling is not amx
     calls = []
     sample_then_project = MSDeformAttn._sample_then_project
     monkeypatch.setattr(MSDeformAttn, "_sample_then_project",
@@ -515,10 +519,12 @@ def demo_val_images(count: int):
     return items
 
 
-def test_bfloat16_on_the_trained_demo_model_keeps_its_detections(project_cfg):
+@pytest.mark.parametrize("sample_first", [False, True])  # the bf16 decoder with AMX, and without
+def test_bfloat16_on_the_trained_demo_model_keeps_its_detections(project_cfg, sample_first, monkeypatch):
     """The demo model trained by `make demo` (weights in float16, tests/data/demo_model): every detection the
     float32 fast path shows (score above the demo's threshold) is shown by the bf16 path with the same class,
-    a score within 0.03 and a box of IoU >= 0.9, and the bf16 path shows nothing else."""
+    a score within 0.03 and a box of IoU >= 0.9, and the bf16 path shows nothing else; whether its decoder projects
+    the memory first (CPUs with AMX) or samples it first (without)."""
     cfg = project_cfg("demo.yaml", tiny=False)
     model = build_model(cfg)
     state = torch.load(DEMO_WEIGHTS, map_location="cpu", weights_only=True)
@@ -528,7 +534,15 @@ def test_bfloat16_on_the_trained_demo_model_keeps_its_detections(project_cfg):
     threshold = cfg.TEST.CONFIDENCE_THRESHOLD
     with torch.no_grad():
         fp32 = FastInferenceModel(model, torch.float32)(inputs)
-        bf16 = FastInferenceModel(model, torch.bfloat16)(inputs)
+        bf16 = FastInferenceModel(model, torch.bfloat16)
+        bf16.model.transformer.project_values_after_sampling = sample_first
+        monkeypatch.setattr(type(bf16.model.transformer), "TAP_COST", 0)  # 628 tokens: sample first anyway
+        calls = []
+        sample_then_project = MSDeformAttn._sample_then_project
+        monkeypatch.setattr(MSDeformAttn, "_sample_then_project",
+                            lambda self, *args: calls.append(1) or sample_then_project(self, *args))
+        bf16 = bf16(inputs)
+    assert bool(calls) is sample_first
     shown = 0
     for expected, actual in zip(fp32, bf16):
         e, a = expected["instances"], actual["instances"]

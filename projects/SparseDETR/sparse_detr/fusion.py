@@ -13,7 +13,13 @@ convolution); in bf16 the fused residual addition is rounded once instead of twi
 ResNet with GroupNorm, which cannot be folded, a CUDA model) is left as it is. In float32 (``winograd=True``), the
 blocks' 3x3 convolutions of stride 1 with 128 channels or more in and out run by Winograd's F(2x2, 3x3)
 (:class:`WinogradConv`): 2.25x fewer multiply-adds, rounded as closely as oneDNN's direct convolution.
+
+Where float32 matrix products run (:func:`float32_matmul_library`): PyTorch's BLAS (MKL on x86) or oneDNN. MKL is
+fast on Intel's CPUs and slow on others (its fastest kernels are Intel's own), so on an x86 CPU of another maker
+the float32 linear layers of the fast path and the Winograd products take oneDNN.
 """
+import functools
+import os
 from typing import Callable, Optional
 
 import torch
@@ -26,11 +32,49 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, Bottlenec
 from .conv_workaround import narrowed, one_column_bf16, widened
 from .layers.ms_deform_attn import compiled_kernels_available
 
-__all__ = ["FusedConv", "PackedLinear", "WinogradConv", "fuse_resnet", "max_pool_available", "pack_convolutions",
-           "pack_linears", "stem_max_pool"]
+__all__ = ["FLOAT32_MATMUL_ENV", "FusedConv", "PackedLinear", "WinogradConv", "cpu_vendor", "float32_matmul_library",
+           "fuse_resnet", "max_pool_available", "pack_convolutions", "pack_linears", "stem_max_pool"]
 
 _CONVOLUTION = torch.ops.mkldnn._convolution_pointwise
 _CONVOLUTION_INTO = torch.ops.mkldnn._convolution_pointwise_.binary  # accumulates into its first argument
+
+
+# auto | mkl | onednn: where the fast path's float32 matrix products run (read when a fast model is built)
+FLOAT32_MATMUL_ENV = "SPARSE_DETR_FLOAT32_MATMUL"
+FLOAT32_MATMUL_CHOICES = ("auto", "mkl", "onednn")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_vendor() -> str:
+    """The CPU's ``vendor_id`` ("GenuineIntel", "AuthenticAMD", ...) from /proc/cpuinfo; "" where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
+def float32_matmul_library() -> str:
+    """``"mkl"`` (PyTorch's BLAS: MKL on x86) or ``"onednn"``: where the fast path runs its float32 linear layers
+    below :data:`PACKED_FLOAT32_MIN_ROWS` rows and its Winograd products. ``$SPARSE_DETR_FLOAT32_MATMUL`` (auto, mkl,
+    onednn) chooses; auto is oneDNN on an x86 CPU not made by Intel, MKL elsewhere.
+
+    Measured on a 2-core AMD EPYC (Zen 4), float32, 2 threads, medians of 21 interleaved runs: linear layers
+    1.08-1.33x faster on oneDNN (1,995 x 256 -> 1024 5.4 against 6.9 ms; 300 x 256 -> 1024 0.77 against 1.01);
+    the 16 Winograd products of a convolution at 800x1199 (oneDNN's grouped 1x1 convolution against MKL's batched
+    matrix product) res3 9.9 against 20.7 ms, res4 9.7 against 11.7, res5 9.9 against 11.9. On the 2-core Xeon
+    MKL was as fast or faster below 8,192 rows (see :data:`PACKED_FLOAT32_MIN_ROWS`)."""
+    choice = os.environ.get(FLOAT32_MATMUL_ENV, "auto")
+    if choice not in FLOAT32_MATMUL_CHOICES:
+        raise ValueError(f"{FLOAT32_MATMUL_ENV}={choice!r}: expected one of {', '.join(FLOAT32_MATMUL_CHOICES)}")
+    if choice != "auto":
+        return choice
+    vendor = cpu_vendor()
+    return "onednn" if vendor and vendor != "GenuineIntel" and torch.backends.mkldnn.is_available() else "mkl"
 
 
 def _fusable(conv: Optional[nn.Module]) -> bool:
@@ -124,7 +168,8 @@ def winograd_weight(weight: Tensor) -> Tensor:
 
 def winograd_available() -> bool:
     """Whether ``sparse_detr._C`` is loaded with its Winograd convolution (a build older than it has none)."""
-    return compiled_kernels_available("cpu") and hasattr(torch.ops.sparse_detr_C, "winograd_conv3x3")
+    return compiled_kernels_available("cpu") and all(hasattr(torch.ops.sparse_detr_C, name) for name in (
+        "winograd_conv3x3", "winograd_input_tiles", "winograd_output_tiles"))
 
 
 def _winograd_fusable(conv: nn.Module) -> bool:
@@ -135,19 +180,39 @@ def _winograd_fusable(conv: nn.Module) -> bool:
 
 class WinogradConv(_PackedWeight):
     """``conv`` (a folded 3x3 Detectron2 Conv2d of stride 1 and padding 1) in float32 as ``relu?(conv(x) + bias)``
-    by Winograd's F(2x2, 3x3): ``torch.ops.sparse_detr_C.winograd_conv3x3`` (``csrc/winograd_cpu.cpp``) with the
-    transformed weight computed once (again only when the weight changes); see :data:`WINOGRAD_MIN_CHANNELS` for
-    what it gains."""
+    by Winograd's F(2x2, 3x3) (``csrc/winograd_cpu.cpp``), with the transformed weight computed once (again only
+    when the weight changes); see :data:`WINOGRAD_MIN_CHANNELS` for what it gains. ``products``: "mkl" takes the
+    16 matrix products as one batched product (``torch.ops.sparse_detr_C.winograd_conv3x3``); "onednn" as one
+    oneDNN 1x1 convolution of 16 groups over the tiles (the transformed tiles, (tiles, 16, C), are a channels-last
+    (1, 16 C, tiles, 1) map) with its weight packed, between the op's two transforms."""
 
-    def __init__(self, conv: nn.Conv2d, relu: bool):
+    def __init__(self, conv: nn.Conv2d, relu: bool, products: str = "mkl"):
         super().__init__()
-        self.conv, self.relu = conv, relu
+        if products not in ("mkl", "onednn"):
+            raise ValueError(f"WinogradConv: products are computed by 'mkl' or 'onednn', got {products!r}")
+        self.conv, self.relu, self.products = conv, relu, products
         self.kernel_size, self.padding, self.stride, self.dilation = (conv.kernel_size, conv.padding, conv.stride,
                                                                       conv.dilation)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.packed(self.conv.weight, winograd_weight)
-        return torch.ops.sparse_detr_C.winograd_conv3x3(x.float(), weight, self.conv.bias.float(), self.relu)
+        x, bias = x.float(), self.conv.bias.float()
+        if self.products == "mkl" or x.numel() == 0:
+            weight = self.packed(self.conv.weight, winograd_weight)
+            return torch.ops.sparse_detr_C.winograd_conv3x3(x, weight, bias, self.relu)
+        batch, channels, height, width = x.shape
+        tiles = torch.ops.sparse_detr_C.winograd_input_tiles(x)  # (T, 16, C)
+        grid = tiles.view(1, tiles.shape[0], 1, 16 * channels).permute(0, 3, 1, 2)  # (1, 16 C, T, 1), channels-last
+        weight = self.packed(self.conv.weight, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
+            _grouped_winograd_weight(w), [0, 0], [1, 1], [1, 1], 16, list(grid.shape)))
+        products = _CONVOLUTION(grid, weight, None, [0, 0], [1, 1], [1, 1], 16, "none", [], "")
+        products = products.permute(0, 2, 3, 1).reshape(tiles.shape[0], 16, -1)  # (T, 16, K): a view
+        return torch.ops.sparse_detr_C.winograd_output_tiles(products, bias, self.relu, [batch, height, width])
+
+
+def _grouped_winograd_weight(weight: Tensor) -> Tensor:
+    """(K, C, 3, 3) -> (16 K, C, 1, 1): the transformed weight of each tile position as a group of a 1x1 convolution."""
+    transformed = winograd_weight(weight)  # (16, C, K)
+    return transformed.transpose(1, 2).reshape(16 * weight.shape[0], weight.shape[1], 1, 1).contiguous()
 
 
 def max_pool_available() -> bool:
@@ -183,15 +248,17 @@ class _FusedBlock(nn.Module):
     """A BottleneckBlock (three convolutions) or BasicBlock (two): the last one adds the shortcut and applies
     the ReLU as post-ops."""
 
-    def __init__(self, block: nn.Module, input_is_private: bool = False, winograd: bool = False):
+    def __init__(self, block: nn.Module, input_is_private: bool = False, winograd: Optional[str] = None):
         """``input_is_private``: the block's input is a tensor only this block reads (the previous block's output
         within a stage), so an identity shortcut may be overwritten by the sum; a projection shortcut's output
-        always is. ``winograd``: inner 3x3 convolutions that qualify run as :class:`WinogradConv`."""
+        always is. ``winograd`` ("mkl" or "onednn", the library of its products): inner 3x3 convolutions that
+        qualify run as :class:`WinogradConv`."""
         super().__init__()
         names = ["conv1", "conv2", "conv3"] if isinstance(block, BottleneckBlock) else ["conv1", "conv2"]
         convs = [getattr(block, name) for name in names]
-        self.inner = nn.ModuleList(WinogradConv(conv, relu=True) if winograd and _winograd_fusable(conv)
-                                   else FusedConv(conv, relu=True) for conv in convs[:-1])
+        self.inner = nn.ModuleList(WinogradConv(conv, relu=True, products=winograd)
+                                   if winograd and _winograd_fusable(conv) else FusedConv(conv, relu=True)
+                                   for conv in convs[:-1])
         self.last = FusedConv(convs[-1], relu=True)
         self.shortcut = None if block.shortcut is None else FusedConv(block.shortcut, relu=False)
         self.in_channels, self.out_channels, self.stride = block.in_channels, block.out_channels, block.stride
@@ -219,7 +286,7 @@ def _block_fusable(block: nn.Module) -> bool:
 def fuse_resnet(backbone: nn.Module, winograd: bool = False) -> int:
     """Fuse the stem and every block of a folded Detectron2 ``ResNet`` on the CPU, in place; with ``winograd``
     (float32 weights), the blocks' 3x3 convolutions that qualify run as :class:`WinogradConv` when
-    ``sparse_detr._C`` has it.
+    ``sparse_detr._C`` has it, their products in :func:`float32_matmul_library`.
 
     Returns the number of convolutions fused; 0 (and ``backbone`` unchanged) when it is not such a ResNet, when
     a convolution still has a norm (GroupNorm is not folded) or an activation, when it is not on the CPU, or
@@ -235,11 +302,11 @@ def fuse_resnet(backbone: nn.Module, winograd: bool = False) -> int:
         return 0
     backbone.stem = _FusedStem(backbone.stem)
     fused = 1
-    winograd = winograd and winograd_available()
+    products = float32_matmul_library() if winograd and winograd_available() else None
     for stage in backbone.stages:
         for index, block in enumerate(stage):
             # the first block's input is the stem's or a stage's output (a feature the ResNet may return)
-            stage[index] = _FusedBlock(block, input_is_private=index > 0, winograd=winograd)
+            stage[index] = _FusedBlock(block, input_is_private=index > 0, winograd=products)
             fused += len(stage[index].inner) + 1 + (stage[index].shortcut is not None)
     return fused
 
@@ -262,9 +329,10 @@ def pack_convolutions(convs: nn.ModuleList) -> int:
     return packed
 
 
-# float32: oneDNN from this many rows on; below, MKL's addmm was as fast or faster (measured on the 2-core Xeon,
-# 2 threads: 19,947 x 256 -> 256 16.2-16.7 against 16.9-19.0 ms, -> 91 7.4-8.6 against 10.6-23.4 ms, -> 128 9.3
-# against 13.3 ms; 1,995 x 256 -> 1024 6.8 against 6.2 ms)
+# float32 with MKL (float32_matmul_library): oneDNN from this many rows on; below, MKL's addmm was as fast or faster
+# (measured on the 2-core Xeon, 2 threads: 19,947 x 256 -> 256 16.2-16.7 against 16.9-19.0 ms, -> 91 7.4-8.6
+# against 10.6-23.4 ms, -> 128 9.3 against 13.3 ms; 1,995 x 256 -> 1024 6.8 against 6.2 ms). With "onednn": every
+# float32 layer takes oneDNN.
 PACKED_FLOAT32_MIN_ROWS = 8192
 
 
@@ -273,12 +341,14 @@ class PackedLinear(_PackedWeight):
     and the bias added on the output tile: ``addmm`` first copies the broadcast bias into the whole output (an
     extra pass over, e.g., 20k tokens x 256 channels for every value projection at 800x1199). The input is taken
     in the weight's dtype, as a bf16 autocast would cast it; the output has that dtype too. A float32 layer takes
-    oneDNN only for inputs of :data:`PACKED_FLOAT32_MIN_ROWS` rows or more (the tokens of a large image)."""
+    oneDNN only for inputs of ``float32_min_rows`` rows or more (by default :data:`PACKED_FLOAT32_MIN_ROWS`: the
+    tokens of a large image), ``F.linear`` below."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, float32_min_rows: int = PACKED_FLOAT32_MIN_ROWS):
         super().__init__()
         self.linear = linear
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.float32_min_rows = float32_min_rows
 
     @property
     def weight(self) -> Tensor:
@@ -289,7 +359,7 @@ class PackedLinear(_PackedWeight):
         return self.linear.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.linear.weight.dtype == torch.float32 and x.numel() < PACKED_FLOAT32_MIN_ROWS * x.shape[-1]:
+        if self.linear.weight.dtype == torch.float32 and x.numel() < self.float32_min_rows * x.shape[-1]:
             return F.linear(x.to(self.linear.weight.dtype), self.linear.weight, self.linear.bias)
         weight = self.packed(self.linear.weight, torch.ops.mkldnn._reorder_linear_weight)
         return torch.ops.mkldnn._linear_pointwise(x.to(self.linear.weight.dtype), weight, self.linear.bias, "none",
@@ -299,9 +369,12 @@ class PackedLinear(_PackedWeight):
 @torch.no_grad()
 def pack_linears(module: nn.Module) -> int:
     """Replace every ``nn.Linear`` child inside ``module`` (on the CPU) with a :class:`PackedLinear`; returns how many.
-    A multi-head attention's layers are left alone (it reads their weights itself)."""
+    A multi-head attention's layers are left alone (it reads their weights itself). Float32 layers take oneDNN for
+    every input where :func:`float32_matmul_library` is "onednn", from :data:`PACKED_FLOAT32_MIN_ROWS` rows on
+    where it is "mkl"."""
     if not torch.backends.mkldnn.is_available():
         return 0
+    min_rows = 0 if float32_matmul_library() == "onednn" else PACKED_FLOAT32_MIN_ROWS
     packed = 0
     for parent in list(module.modules()):
         if isinstance(parent, (nn.MultiheadAttention, PackedLinear)):
@@ -309,6 +382,6 @@ def pack_linears(module: nn.Module) -> int:
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype in (
                     torch.float32, torch.bfloat16):
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, PackedLinear(child, min_rows))
                 packed += 1
     return packed

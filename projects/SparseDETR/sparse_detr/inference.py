@@ -7,18 +7,19 @@ same detections faster; the model itself (its modules, state dict and checkpoint
 * the convolutional backbone runs channels-last; on the CPU a folded ResNet's convolutions apply their ReLU
   and residual addition as oneDNN post-ops (:mod:`sparse_detr.fusion`) instead of separate passes, and in
   float32 its blocks' 3x3 convolutions of 128 channels or more run by Winograd's F(2x2, 3x3);
-* the input projections' convolutions and the transformer's linear layers (in float32 only over 8,192 rows or
-  more: a large image's tokens) keep their weights in oneDNN's layout and add their bias in the same call
-  (:func:`~sparse_detr.fusion.pack_convolutions`, :func:`~sparse_detr.fusion.pack_linears`);
+* the input projections' convolutions and the transformer's linear layers (in float32 on Intel's CPUs only over
+  8,192 rows or more, a large image's tokens; on other x86 CPUs, where MKL is slow, at any size:
+  :func:`~sparse_detr.fusion.float32_matmul_library`) keep their weights in oneDNN's layout and add their bias in
+  the same call (:func:`~sparse_detr.fusion.pack_convolutions`, :func:`~sparse_detr.fusion.pack_linears`);
 * the transformer skips what neither the detections nor the DAM use (``detections_only``): the encoder
   auxiliary heads, the two-stage box head on tokens that do not become queries, the predictions of the
   decoder layers before the last; the sparse encoder takes its queries in token order (cache-friendly
   sampling);
 * every deformable attention with point references computes its sampling locations in the sampling-offset
   layer's matrix multiplication (``MSDeformAttn.fold_point_locations``);
-* in float32 on the CPU, the decoder's cross-attentions sample the memory's unprojected tokens and project the samples
-  (``UnprojectedValues``), where that costs fewer multiply-adds than projecting every token (at 800x1199:
-  300 queries against 20k tokens);
+* in float32 on the CPU (and in bfloat16 on CPUs without AMX), the decoder's cross-attentions sample the memory's
+  unprojected tokens and project the samples (``UnprojectedValues``), where that costs fewer multiply-adds than
+  projecting every token (at 800x1199: 300 queries against 20k tokens);
 * in bfloat16 (``TEST.PRECISION``), convolutions and linear layers run in bf16 under ``torch.autocast``
   with their weights stored in bf16 once, while the precision-sensitive layers stay in float32: the
   sampling-offset and attention-weight layers of every deformable attention (sampling locations and their
@@ -44,8 +45,8 @@ from .layers import MSDeformAttn
 from .meta_arch import SparseDETR
 from .transformer import TransformerOutput
 
-__all__ = ["FastInferenceModel", "build_inference_model", "cpu_description", "fold_batch_norms", "has_native_bf16",
-           "inference_precision"]
+__all__ = ["FastInferenceModel", "build_inference_model", "cpu_description", "fold_batch_norms", "has_amx",
+           "has_native_bf16", "inference_precision"]
 
 logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -55,6 +56,11 @@ def has_native_bf16() -> bool:
     """True on CPUs with bf16 arithmetic in hardware (AMX tiles or AVX512-BF16), where bf16 pays off."""
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported",
                                                                          "_is_avx512_bf16_supported"))
+
+
+def has_amx() -> bool:
+    """True on CPUs with AMX tiles (Intel's Sapphire Rapids and later), whose bf16 matrix products are ~8x AVX512-BF16's."""
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
 def cpu_description() -> Dict:
@@ -222,10 +228,12 @@ class FastInferenceModel(nn.Module):
             if isinstance(module, MSDeformAttn):
                 module.fold_point_locations = True
         self.model.position_embedding_by_rows_and_columns = True
-        # on the CPU in float32: the decoder took 120-150 ms instead of 180-210 at 800x1199; in bf16 the projection
-        # (AMX) costs less than sampling 8x the channels (1.5 against 7 ms a decoder layer); a GPU's rule is unmeasured
-        self.model.transformer.project_values_after_sampling = (dtype == torch.float32
-                                                                and self.model.device.type == "cpu")
+        # on the CPU in float32: the decoder took 120-150 ms instead of 180-210 at 800x1199; in bf16 with AMX the
+        # projection costs less than sampling 8x the channels (1.5 against 7 ms a decoder layer, the Xeon), without
+        # it (AVX512-BF16) sampling first is faster (the AMD EPYC: the model 647 against 671 ms, 9 interleaved
+        # turns); a GPU's rule is unmeasured
+        self.model.transformer.project_values_after_sampling = self.model.device.type == "cpu" and (
+            dtype == torch.float32 or not has_amx())
         if any(isinstance(m, nn.Conv2d) for m in self.model.backbone.modules()):
             self.model.backbone = ChannelsLast(self.model.backbone)
             for sequence in self.model.input_proj:
@@ -234,13 +242,13 @@ class FastInferenceModel(nn.Module):
                         sequence[index] = CenteredGroupNorm.of(module)
         if dtype == torch.bfloat16:
             _to_bfloat16(self.model)
-        if fuse:  # in float32 only the layers over many tokens take oneDNN (fusion.PACKED_FLOAT32_MIN_ROWS)
+        if fuse:  # in float32 with MKL only the layers over many tokens take oneDNN (fusion.PACKED_FLOAT32_MIN_ROWS)
             fused += pack_linears(self.model.transformer)
         super().train(False)
-        winograd = sum(isinstance(m, WinogradConv) for m in self.model.modules())
+        winograd = [m for m in self.model.modules() if isinstance(m, WinogradConv)]
         logger.info("fast inference: %d batch norms folded, %d convolutions fused (the backbone's with their ReLU and "
-                    "residual; %d of them by Winograd F(2x2, 3x3), the others by oneDNN with packed weights), %s",
-                    folded, fused, winograd, dtype)
+                    "residual; %d of them by Winograd F(2x2, 3x3)%s, the others by oneDNN with packed weights), %s",
+                    folded, fused, len(winograd), f" with {winograd[0].products} products" if winograd else "", dtype)
 
     @property
     def device(self) -> torch.device:

@@ -453,8 +453,9 @@ class SparseDeformableTransformer(nn.Module):
             query_pos, tgt = pos.split(self.d_model, dim=2)
         return tgt, query_pos, boxes_unact.sigmoid()
 
-    # Inference only (set by the fast inference path in float32): the decoder's cross-attentions sample the memory
-    # before projecting it (MSDeformAttn._sample_then_project) when that costs fewer multiply-adds.
+    # Inference only (set by the fast inference path on the CPU: float32, and bf16 without AMX): the decoder's
+    # cross-attentions sample the memory before projecting it (MSDeformAttn._sample_then_project) when that costs
+    # fewer multiply-adds.
     project_values_after_sampling = False
 
     def _decode(self, flat: FlatFeatures, memory, values, tgt, query_pos, reference, out: TransformerOutput,

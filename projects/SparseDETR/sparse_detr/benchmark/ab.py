@@ -2,7 +2,8 @@
 
 Side A and side B are the config file with the common overrides, then their own (``KEY VALUE ...``); a side's
 ``MS_DEFORM_ATTN auto|pytorch|compiled`` is not a config key but the deformable attention it runs
-(:data:`ATTENTION_KEY`). Both
+(:data:`ATTENTION_KEY`), and its ``FLOAT32_MATMUL auto|mkl|onednn`` where its fast path's float32 matrix products
+run (:data:`MATMUL_KEY`). Both
 sides are built before anything is timed, from the same seed (the same random weights where their parameters
 agree), and take the same inputs. Each is warmed up (the warm-up runs of A, then those of B); then they take
 turns, A, B, A, B, ..., so that a busy spell of a shared machine slows both alike. The step timed is one of:
@@ -23,6 +24,7 @@ runs a moment apart.
 """
 import itertools
 import logging
+import os
 import shlex
 import statistics
 from contextlib import ExitStack, contextmanager
@@ -40,6 +42,7 @@ from detectron2.utils.events import EventStorage
 from ..dataset_mapper import ResizeToMultiple
 from ..engine import MixedPrecisionTrainer, channels_last_backbone, stream_seed
 from ..allocator import CHOICES as MALLOC_CHOICES
+from ..fusion import FLOAT32_MATMUL_CHOICES, FLOAT32_MATMUL_ENV
 from ..inference import cpu_description
 from ..layers.ms_deform_attn import IMPLEMENTATIONS, use_implementation
 from ..solver import build_optimizer
@@ -47,7 +50,7 @@ from .models import build_benchmark_model, device_name, evaluation_path, random_
 from .tables import cpu_line
 from .timing import Timing, image_batch, precision, take_turns
 
-__all__ = ["ATTENTION_KEY", "MALLOC_KEY", "SIZES", "STEPS", "Ratio", "Run", "Side", "ab_benchmark", "ab_ratio",
+__all__ = ["ATTENTION_KEY", "MALLOC_KEY", "MATMUL_KEY", "SIZES", "STEPS", "Ratio", "Run", "Side", "ab_benchmark", "ab_ratio",
            "ab_runs", "ab_table", "build_side", "parse_overrides", "side_keys", "training_batch", "training_batches",
            "turn_image_sizes"]
 
@@ -66,14 +69,19 @@ ATTENTION_KEY = "MS_DEFORM_ATTN"
 # Not a config key either: a side's ``MALLOC keep|default`` is its process's $SPARSE_DETR_MALLOC
 # (sparse_detr.allocator), so only a side in a process of its own takes it (ab_processes, ``--ab-processes``).
 MALLOC_KEY = "MALLOC"
+# Nor is a side's ``FLOAT32_MATMUL auto|mkl|onednn``: $SPARSE_DETR_FLOAT32_MATMUL while its evaluation path is built
+# (sparse_detr.fusion.float32_matmul_library), e.g. MKL against oneDNN on the same machine.
+MATMUL_KEY = "FLOAT32_MATMUL"
+_SIDE_KEYS = (ATTENTION_KEY, MALLOC_KEY, MATMUL_KEY)
 
 
 def side_keys(label: str, text: str, in_own_process: bool = False) -> Tuple[Dict[str, str], List[str]]:
-    """A side's overrides split into its side keys (:data:`ATTENTION_KEY`, :data:`MALLOC_KEY`) by name, checked,
-    and its config overrides; a ValueError naming the side for a bad value or a key the run cannot honour."""
+    """A side's overrides split into its side keys (:data:`ATTENTION_KEY`, :data:`MALLOC_KEY`, :data:`MATMUL_KEY`)
+    by name, checked, and its config overrides; a ValueError naming the side for a bad value or a key the run cannot
+    honour."""
     items = parse_overrides(label, text)
     pairs = list(zip(items[0::2], items[1::2]))
-    keys = {key: value for key, value in pairs if key in (ATTENTION_KEY, MALLOC_KEY)}
+    keys = {key: value for key, value in pairs if key in _SIDE_KEYS}
     with _naming_the_side(label, text):
         if keys.get(ATTENTION_KEY, IMPLEMENTATIONS[0]) not in IMPLEMENTATIONS:
             raise ValueError(f"{ATTENTION_KEY} is one of {', '.join(IMPLEMENTATIONS)}, got {keys[ATTENTION_KEY]!r}")
@@ -81,6 +89,8 @@ def side_keys(label: str, text: str, in_own_process: bool = False) -> Tuple[Dict
             raise ValueError(f"{MALLOC_KEY} is a process's setting: give --ab-processes to run each side in its own")
         if keys.get(MALLOC_KEY, MALLOC_CHOICES[0]) not in MALLOC_CHOICES:
             raise ValueError(f"{MALLOC_KEY} is one of {', '.join(MALLOC_CHOICES)}, got {keys[MALLOC_KEY]!r}")
+        if keys.get(MATMUL_KEY, FLOAT32_MATMUL_CHOICES[0]) not in FLOAT32_MATMUL_CHOICES:
+            raise ValueError(f"{MATMUL_KEY} is one of {', '.join(FLOAT32_MATMUL_CHOICES)}, got {keys[MATMUL_KEY]!r}")
     return keys, [item for key, value in pairs if key not in keys for item in (key, value)]
 
 
@@ -92,6 +102,7 @@ class Side(NamedTuple):
     cfg: CfgNode
     model: torch.nn.Module
     attention: Optional[str] = None  # the side's ATTENTION_KEY value, None for the environment's choice
+    matmul: Optional[str] = None  # the side's MATMUL_KEY value, None for the environment's choice
 
 
 class Run(NamedTuple):
@@ -137,7 +148,7 @@ def build_side(config_file: Path, opts: Sequence[str], label: str, text: str, nu
     with _naming_the_side(label, text):
         torch.manual_seed(seed)
         cfg, model = build_benchmark_model(config_file, [*opts, *config_overrides], num_classes)
-    return Side(label, parse_overrides(label, text), cfg, model, keys.get(ATTENTION_KEY))
+    return Side(label, parse_overrides(label, text), cfg, model, keys.get(ATTENTION_KEY), keys.get(MATMUL_KEY))
 
 
 def _with_attention(side: Side, run: Run) -> Run:
@@ -176,9 +187,26 @@ def training_batch(image_size: Tuple[int, int], batch_size: int, num_classes: in
     return batch
 
 
+@contextmanager
+def _environment(name: str, value: Optional[str]):
+    """$name set to ``value`` (when not None) for the block, then as it was."""
+    before = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def _inference_run(side: Side, batched_inputs: List[Dict], device: torch.device) -> Run:
-    path = evaluation_path(side.cfg, side.model.to(device), device)
-    return Run(partial(path.module, batched_inputs), path.label)
+    with _environment(FLOAT32_MATMUL_ENV, side.matmul):  # read while the fast path is built
+        path = evaluation_path(side.cfg, side.model.to(device), device)
+    label = path.label if side.matmul is None else f"{path.label}, float32 products: {side.matmul}"
+    return Run(partial(path.module, batched_inputs), label)
 
 
 def training_batches(side: Side, image_size: Tuple[int, int], batch_size: int, num_classes: int, seed: int,
