@@ -19,10 +19,11 @@ from detectron2.utils.events import EventStorage
 from fvcore.nn import FlopCountAnalysis
 
 from sparse_detr.benchmark import Timing, ab_table, scaling_study, scaling_table
+from sparse_detr.benchmark.figures import benchmark_config
 from sparse_detr.layers import ms_deform_attn
 from sparse_detr.benchmark.ab import (SIZE_SPREAD, Ratio, ab_ratio, ab_runs, build_side, side_keys, training_batch,
                                      training_batches, turn_image_sizes)
-from sparse_detr.benchmark.counts import encoder_auxiliary_heads, trainable_parameters
+from sparse_detr.benchmark.counts import cpu_peak_gflops, encoder_auxiliary_heads, trainable_parameters
 from sparse_detr.benchmark.timing import measure_speed, take_turns
 from sparse_detr.flops import SAMPLING_TAPS, authors_op_handles, count_flops
 from sparse_detr.inference import cpu_description
@@ -132,6 +133,27 @@ def test_json_output():
     assert result["fps"] > 0 and result["b4fps"] > 0 and result["params_m"] > 0
 
 
+def test_compare_plain_reports_the_speed_up_and_the_shares_of_the_machines_rates(benchmark):
+    """--compare-plain: the plain path's speed, the speed-up, the achieved rate (GFLOPs x FPS) against the peak the
+    clock and units give and against the rate oneDNN's 3x3 convolution measured here; the table shows them."""
+    from sparse_detr.benchmark.counts import convolution_gflops
+    from sparse_detr.benchmark.tables import comparison_table
+    timing = Timing(torch.device("cpu"), repeats=1, warmup=0)
+    result = benchmark_config(CONFIG_DIR / "sparse_detr_r50_rho0.1.yaml", TINY_OVERRIDES, timing,
+                              image_size=(HEIGHT, WIDTH), batch_sizes=(1,), compare_plain=True)
+    assert result["speedup"] == result["fps"] / result["plain_fps"] and result["plain_fps"] > 0
+    assert result["achieved_gflops_per_s"] == pytest.approx(result["gflops"] * result["fps"])
+    if result["peak_gflops_per_s"] is not None:
+        assert result["share_of_peak"] == pytest.approx(result["achieved_gflops_per_s"] / result["peak_gflops_per_s"])
+    assert result["convolution_gflops_per_s"] > 0
+    assert result["share_of_convolution_rate"] == pytest.approx(
+        result["achieved_gflops_per_s"] / result["convolution_gflops_per_s"])
+    row = comparison_table([result]).splitlines()[2]
+    assert row.startswith("| sparse_detr_r50_rho0.1.yaml |") and f"{result['speedup']:.2f}x" in row
+    assert row.endswith(f"| {result['convolution_gflops_per_s']:.0f} | {result['share_of_convolution_rate']:.0%} |")
+    assert convolution_gflops(torch.float32, repeats=1) > 0
+
+
 def test_paper_parameter_count_leaves_out_the_encoder_auxiliary_heads(tiny_model):
     sparse = tiny_model("sparse_detr_r50_rho0.1.yaml")  # 2 decoder layers, the two-stage head, 1 auxiliary head
     heads = encoder_auxiliary_heads(sparse)
@@ -213,6 +235,24 @@ def test_an_ab_side_can_be_the_authors_code_path_with_the_pytorch_attention():
     # the side keys apart from the config overrides; MALLOC only for a side in a process of its own
     assert side_keys("B", "TEST.FAST_INFERENCE False MS_DEFORM_ATTN pytorch MALLOC default", in_own_process=True) == (
         {"MS_DEFORM_ATTN": "pytorch", "MALLOC": "default"}, ["TEST.FAST_INFERENCE", "False"])
+
+
+def test_cpu_peak_counts_the_units_of_the_cpu():
+    """threads x MHz x multiply-adds a cycle: AVX-512 float32 32, AMX bf16 512, AVX512-BF16 64, AVX2 16; AMD's Zen 4
+    (family 25) runs AVX-512 on 256-bit units, half those; no clock, or no unit for the dtype: None."""
+    xeon = {"vendor": "GenuineIntel", "family": 6, "mhz": 2000.0, "amx_bf16": True, "avx512_bf16": True,
+            "avx512f": True, "avx2_fma": True}
+    zen4 = {"vendor": "AuthenticAMD", "family": 25, "mhz": 2600.0, "amx_bf16": False, "avx512_bf16": True,
+            "avx512f": True, "avx2_fma": True}
+    zen3 = {**zen4, "family": 25, "avx512_bf16": False, "avx512f": False}
+    assert cpu_peak_gflops(xeon, torch.float32, 2) == 2 * 2.0 * 32
+    assert cpu_peak_gflops(xeon, torch.bfloat16, 2) == 2 * 2.0 * 512
+    assert cpu_peak_gflops(zen4, torch.float32, 2) == 2 * 2.6 * 16
+    assert cpu_peak_gflops(zen4, torch.bfloat16, 2) == 2 * 2.6 * 32
+    assert cpu_peak_gflops(zen3, torch.float32, 1) == 2.6 * 16 and cpu_peak_gflops(zen3, torch.bfloat16, 1) is None
+    assert cpu_peak_gflops({**xeon, "mhz": None}, torch.float32, 2) is None
+    here = cpu_description()
+    assert {"vendor", "family"} <= set(here) and (here["family"] is None or isinstance(here["family"], int))
 
 
 def test_an_ab_side_chooses_where_its_float32_products_run(monkeypatch):

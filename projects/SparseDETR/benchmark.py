@@ -42,7 +42,8 @@ What is measured (SPEC section 6):
   ``achieved_gflops_per_s`` (``gflops`` x FPS) against ``peak_gflops_per_s``, the CPU's peak for the
   precision of the timed path in the same unit (a multiply-add is one FLOP): threads x clock x
   multiply-adds a cycle and core (float32: 32 with AVX-512, 16 with AVX2 + FMA; bfloat16: 512 with AMX,
-  64 with AVX512-BF16), assuming two FMA units a core (``--peak-gflops`` overrides it).
+  64 with AVX512-BF16), assuming two FMA units a core as wide as the instructions (AMD's Zen 4 runs AVX-512 on
+  256-bit units: half those); the clock is /proc/cpuinfo's (``--peak-gflops`` overrides the estimate).
 * ``peak_mem_mb``: on CUDA ``torch.cuda.max_memory_allocated`` during the batch-1 runs (weights included);
   on the CPU the rise of the process's peak resident set size (VmHWM, reset through
   ``/proc/self/clear_refs``) during the batch-1 runs over the resident size before them, after glibc's

@@ -64,14 +64,18 @@ def has_amx() -> bool:
 
 
 def cpu_description() -> Dict:
-    """Model name, clock and the vector/matrix units of this machine's CPU (Linux /proc/cpuinfo)."""
-    info = {"model": "unknown CPU", "mhz": None, "flags": set()}
+    """Model name, vendor, family, clock and the vector/matrix units of this machine's CPU (Linux /proc/cpuinfo)."""
+    info = {"model": "unknown CPU", "vendor": "", "family": None, "mhz": None, "flags": set()}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = (part.strip() for part in line.partition(":"))
                 if key == "model name":
                     info["model"] = value
+                elif key == "vendor_id":
+                    info["vendor"] = value
+                elif key == "cpu family" and value.isdigit():
+                    info["family"] = int(value)
                 elif key == "cpu MHz" and info["mhz"] is None:
                     info["mhz"] = float(value)
                 elif key == "flags":

@@ -9,7 +9,7 @@ import torch
 
 from ..flops import count_flops
 from ..inference import cpu_description
-from .counts import cpu_peak_gflops, encoder_auxiliary_heads, trainable_parameters
+from .counts import convolution_gflops, cpu_peak_gflops, encoder_auxiliary_heads, trainable_parameters
 from .models import build_benchmark_model, device_name, evaluation_path, random_image
 from .timing import Timing, compare_speeds, measure_speed
 
@@ -26,7 +26,8 @@ def benchmark_config(config_file: Path, opts: Sequence[str], timing: Timing, *, 
 
     ``flops`` / ``speed`` False leave the FLOP count / the timings out (``None``). ``compare_plain`` also times
     the plain float32 path, taking turns with the evaluation path, and adds the speed-up, the CPU and the share
-    of its peak (``peak_gflops`` overrides the peak :func:`cpu_peak_gflops` estimates).
+    of its peak (``peak_gflops`` overrides the peak :func:`cpu_peak_gflops` estimates) and of the rate oneDNN's
+    3x3 convolution reaches on it in the timed path's dtype (:func:`convolution_gflops`, measured after the runs).
     """
     height, width = image_size
     cfg, model = build_benchmark_model(config_file, opts, num_classes)
@@ -82,8 +83,11 @@ def benchmark_config(config_file: Path, opts: Sequence[str], timing: Timing, *, 
         cpu = cpu_description() if device.type == "cpu" else None
         peak = peak_gflops or (cpu_peak_gflops(cpu, path.dtype, torch.get_num_threads()) if cpu else None)
         achieved = None if count is None else result["gflops"] * result["fps_by_batch_size"][first]
+        rate = convolution_gflops(path.dtype) if cpu and torch.backends.mkldnn.is_available() else None
         result.update(plain_fps=plain_fps.get("1"), plain_b4fps=plain_fps.get("4"),
                       speedup=result["fps_by_batch_size"][first] / plain_fps[first], cpu=cpu,
                       achieved_gflops_per_s=achieved, peak_gflops_per_s=peak,
-                      share_of_peak=None if peak is None or achieved is None else achieved / peak)
+                      share_of_peak=None if peak is None or achieved is None else achieved / peak,
+                      convolution_gflops_per_s=rate,
+                      share_of_convolution_rate=None if rate is None or achieved is None else achieved / rate)
     return result
