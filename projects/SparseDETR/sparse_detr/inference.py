@@ -59,7 +59,7 @@ def has_native_bf16() -> bool:
 
 
 def has_amx() -> bool:
-    """True on CPUs with AMX tiles (Intel's Sapphire Rapids and later), whose bf16 matrix products are ~8x AVX512-BF16's."""
+    """True on CPUs with AMX tiles (Intel's Sapphire Rapids and later): bf16 products at 8x AVX512-BF16's rate."""
     return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 

@@ -27,10 +27,11 @@ import logging
 import os
 import shlex
 import statistics
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from unittest import mock
 
 import torch
 
@@ -50,9 +51,9 @@ from .models import build_benchmark_model, device_name, evaluation_path, random_
 from .tables import cpu_line
 from .timing import Timing, image_batch, precision, take_turns
 
-__all__ = ["ATTENTION_KEY", "MALLOC_KEY", "MATMUL_KEY", "SIZES", "STEPS", "Ratio", "Run", "Side", "ab_benchmark", "ab_ratio",
-           "ab_runs", "ab_table", "build_side", "parse_overrides", "side_keys", "training_batch", "training_batches",
-           "turn_image_sizes"]
+__all__ = ["ATTENTION_KEY", "MALLOC_KEY", "MATMUL_KEY", "SIZES", "STEPS", "Ratio", "Run", "Side", "ab_benchmark",
+           "ab_ratio", "ab_runs", "ab_table", "build_side", "parse_overrides", "side_keys", "training_batch",
+           "training_batches", "turn_image_sizes"]
 
 logger = logging.getLogger(__name__)
 
@@ -187,23 +188,9 @@ def training_batch(image_size: Tuple[int, int], batch_size: int, num_classes: in
     return batch
 
 
-@contextmanager
-def _environment(name: str, value: Optional[str]):
-    """$name set to ``value`` (when not None) for the block, then as it was."""
-    before = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
-
-
 def _inference_run(side: Side, batched_inputs: List[Dict], device: torch.device) -> Run:
-    with _environment(FLOAT32_MATMUL_ENV, side.matmul):  # read while the fast path is built
+    building = nullcontext() if side.matmul is None else mock.patch.dict(os.environ, {FLOAT32_MATMUL_ENV: side.matmul})
+    with building:  # read while the fast path is built, restored after
         path = evaluation_path(side.cfg, side.model.to(device), device)
     label = path.label if side.matmul is None else f"{path.label}, float32 products: {side.matmul}"
     return Run(partial(path.module, batched_inputs), label)

@@ -57,7 +57,8 @@ def comparison_table(results: List[Dict]) -> str:
                      f"| {_fmt(r.get('share_of_convolution_rate'), '.0%')} |")
     cpu = next((r["cpu"] for r in results if r.get("cpu")), None)
     if cpu is not None:
-        lines += ["", cpu_line(cpu) + " Batch 1; GFLOPs as fvcore counts them (a multiply-add is one), of the model "
-                  "(the fast path skips and saves some: its rate is per the model's FLOPs); the peak from the clock and "
-                  "the units, the convolution's rate measured on oneDNN's 3x3 convolution in the fast path's dtype."]
+        lines += ["", cpu_line(cpu) + " Batch 1; GFLOPs as fvcore counts them (a multiply-add is one), of the "
+                  "model (the fast path skips and saves some: its rate is per the model's FLOPs); the peak from the "
+                  "clock and the units, the convolution's rate measured on oneDNN's 3x3 convolution in the fast "
+                  "path's dtype."]
     return "\n".join(lines)
