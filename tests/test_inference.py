@@ -18,7 +18,8 @@ from sparse_detr import inference
 from sparse_detr.backbone import sine_position_embedding
 from sparse_detr.inference import (CenteredGroupNorm, FastInferenceModel, build_inference_model, fold_batch_norms,
                                    has_native_bf16, inference_precision)
-from sparse_detr.fusion import PACKED_FLOAT32_MIN_ROWS, FusedConv, PackedLinear, fuse_resnet, pack_linears
+from sparse_detr.fusion import (FLOAT32_MATMUL_ENV, PACKED_FLOAT32_MIN_ROWS, FusedConv, PackedLinear, WinogradConv,
+                                fuse_resnet, pack_linears)
 from sparse_detr.layers import MSDeformAttn, UnprojectedValues
 from sparse_detr.transformer import SparseDeformableTransformer
 
@@ -68,6 +69,24 @@ def test_float32_fast_path_gives_the_plain_detections(config_name, batch, tiny_m
         for e, a in zip(expected, actual):
             torch.testing.assert_close(a["dam_recall"]["kept_mass"], e["dam_recall"]["kept_mass"])
             torch.testing.assert_close(a["dam_recall"]["total_mass"], e["dam_recall"]["total_mass"])
+
+
+@pytest.mark.parametrize("library", ["mkl", "onednn"])
+def test_float32_fast_path_gives_the_plain_detections_with_either_matmul_library(library, tiny_model, make_batch,
+                                                                                 monkeypatch):
+    """Whichever library runs the float32 products (MKL on Intel's CPUs, oneDNN on other x86 ones; both on any
+    machine here), the fast ResNet-50 model gives the plain detections: its Winograd convolutions and linear layers
+    take that library."""
+    monkeypatch.setenv(FLOAT32_MATMUL_ENV, library)
+    model = randomise_norms(tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32))
+    fast = FastInferenceModel(model, torch.float32)
+    assert {m.products for m in fast.modules() if isinstance(m, WinogradConv)} == {library}
+    assert {m.float32_min_rows for m in fast.modules() if isinstance(m, PackedLinear)} == {
+        0 if library == "onednn" else PACKED_FLOAT32_MIN_ROWS}
+    inputs = make_batch(*BATCHES[1], seed=1)
+    with torch.no_grad():
+        expected = model(inputs)
+    assert_same_detections(expected, fast(inputs))
 
 
 def test_fast_path_skips_what_detections_do_not_use(tiny_model, make_batch):
