@@ -144,6 +144,18 @@ def test_winograd_takes_contiguous_input_and_empty_batches():
     assert winograd(torch.randn(0, 8, 6, 7), weight, bias, True).shape == (0, 8, 6, 7)
 
 
+def test_onednn_products_serve_inputs_of_other_sizes_and_empty_batches():
+    """The grouped convolution's weight is packed for the first input's tile count and serves any other."""
+    conv = Conv2d(24, 16, 3, padding=1)
+    layer = WinogradConv(conv, relu=True, products="onednn")
+    with torch.no_grad():
+        for shape in ((1, 24, 20, 30), (2, 24, 7, 9), (1, 24, 41, 3)):
+            x = torch.randn(shape)
+            torch.testing.assert_close(layer(x), F.conv2d(x, conv.weight, conv.bias, padding=1).relu(),
+                                       rtol=1e-5, atol=1e-5)
+        assert layer(torch.randn(0, 24, 6, 7)).shape == (0, 16, 6, 7)
+
+
 def test_winograd_rejects_wrong_inputs():
     x, weight, bias = torch.randn(1, 8, 6, 7), torch.randn(8, 8, 3, 3), torch.randn(8)
     with pytest.raises(RuntimeError, match="float32"):

@@ -196,9 +196,11 @@ class WinogradConv(_PackedWeight):
 
     def forward(self, x: Tensor) -> Tensor:
         x, bias = x.float(), self.conv.bias.float()
-        if self.products == "mkl" or x.numel() == 0:
+        if self.products == "mkl":
             weight = self.packed(self.conv.weight, winograd_weight)
             return torch.ops.sparse_detr_C.winograd_conv3x3(x, weight, bias, self.relu)
+        if x.numel() == 0:  # nothing to multiply (and the cache holds oneDNN's packed weight, not the op's)
+            return torch.ops.sparse_detr_C.winograd_conv3x3(x, winograd_weight(self.conv.weight), bias, self.relu)
         batch, channels, height, width = x.shape
         tiles = torch.ops.sparse_detr_C.winograd_input_tiles(x)  # (T, 16, C)
         grid = tiles.view(1, tiles.shape[0], 1, 16 * channels).permute(0, 3, 1, 2)  # (1, 16 C, T, 1), channels-last
