@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from detectron2.layers import Conv2d as D2Conv2d
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock
@@ -331,10 +332,10 @@ def test_a_float32_packed_linear_takes_onednn_only_for_many_rows():
     packed = PackedLinear(linear)
     few = torch.randn(2, 300, 256)
     assert torch.equal(packed(few), linear(few))
-    assert getattr(packed, "_weight", None) is None
+    assert "_packed_weights" not in packed.__dict__
     many = torch.randn(1, PACKED_FLOAT32_MIN_ROWS, 256)
     torch.testing.assert_close(packed(many), linear(many), rtol=1e-5, atol=1e-5)
-    assert packed._weight is not None and packed(many).dtype == torch.float32
+    assert "weight" in packed._packed_weights and packed(many).dtype == torch.float32
 
 
 def test_input_projections_centre_their_group_norms(tiny_model):
@@ -354,6 +355,30 @@ def test_input_projections_centre_their_group_norms(tiny_model):
     fast = FastInferenceModel(model, torch.float32)
     assert all(type(proj[1]) is CenteredGroupNorm for proj in fast.model.input_proj)
     assert all(type(proj[1]) is torch.nn.GroupNorm for proj in model.input_proj)  # the model keeps its own
+
+
+def test_a_fused_convolution_packs_its_weight_again_for_a_new_input_shape():
+    """oneDNN's kernel, and the layout it reads the weight in, depend on the input's shape: in float32 the packed
+    weight follows the shape (one packing at a time) and the weight; the outputs stay the convolution's. In bf16
+    the first packing serves every shape."""
+    torch.manual_seed(0)
+    conv = D2Conv2d(32, 64, kernel_size=1, stride=2, bias=True)
+    fused = FusedConv(conv, relu=True)
+    with torch.no_grad():
+        for shape in ((1, 32, 20, 30), (2, 32, 7, 9), (1, 32, 20, 30)):
+            x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(fused(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=2).relu(),
+                                       rtol=1e-5, atol=1e-5)
+            assert fused._packed_weights["weight"][0][-1] == shape
+            packed = fused._packed_weights["weight"][1]
+            fused(x)
+            assert fused._packed_weights["weight"][1] is packed  # the same shape: no packing again
+        conv.to(torch.bfloat16)
+        for shape in ((1, 32, 20, 30), (2, 32, 7, 9)):
+            x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+            expected = torch.nn.functional.conv2d(x.bfloat16(), conv.weight, conv.bias, stride=2).relu()
+            torch.testing.assert_close(fused(x).float(), expected.float(), rtol=0.02, atol=0.02)
+            assert fused._packed_weights["weight"][0][-1] is None
 
 
 def test_fused_resnet_equals_the_folded_one(tiny_model):
@@ -407,7 +432,7 @@ def test_packed_linears_equal_the_layers_they_replace():
         reference[2].weight.mul_(2)
         torch.testing.assert_close(module(x), reference(x), rtol=1e-5, atol=1e-6)
         copied = copy.deepcopy(module)
-        assert "_weight" not in copied[0].__dict__ and torch.equal(copied(x), module(x))
+        assert "_packed_weights" not in copied[0].__dict__ and torch.equal(copied(x), module(x))
         module.to(torch.bfloat16)
         out = module(x)  # float32 input taken in the weights' dtype, as a bf16 autocast would
         assert out.dtype == torch.bfloat16

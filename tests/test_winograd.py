@@ -133,7 +133,7 @@ def test_a_float32_packed_linear_on_onednn_takes_every_size():
     few = torch.randn(2, 3, 256)
     with torch.no_grad():
         torch.testing.assert_close(packed(few), linear(few), rtol=1e-5, atol=1e-5)
-    assert packed._weight is not None
+    assert "weight" in packed._packed_weights
 
 
 def test_winograd_takes_contiguous_input_and_empty_batches():
@@ -154,6 +154,11 @@ def test_onednn_products_serve_inputs_of_other_sizes_and_empty_batches():
             torch.testing.assert_close(layer(x), F.conv2d(x, conv.weight, conv.bias, padding=1).relu(),
                                        rtol=1e-5, atol=1e-5)
         assert layer(torch.randn(0, 24, 6, 7)).shape == (0, 16, 6, 7)
+    grouped = layer._packed_weights["grouped"][1]
+    assert layer._packed_weights["weight"][0][-1] == (1, 16 * 24, 21 * 2, 1)  # packed for the last tile count (41x3)
+    with torch.no_grad():
+        layer(torch.randn(1, 24, 8, 8))
+    assert layer._packed_weights["weight"][0][-1] == (1, 16 * 24, 16, 1) and layer._packed_weights["grouped"][1] is grouped
 
 
 def test_winograd_rejects_wrong_inputs():

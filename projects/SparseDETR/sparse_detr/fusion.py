@@ -20,7 +20,7 @@ the float32 linear layers of the fast path and the Winograd products take oneDNN
 """
 import functools
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -85,18 +85,21 @@ def _fusable(conv: Optional[nn.Module]) -> bool:
 
 class _PackedWeight(nn.Module):
     """A layer whose weight is kept in oneDNN's own layout, packed again only when the weight changes (its dtype,
-    storage or version). The packed weight is a cache: copies and pickles drop it and pack their own."""
+    storage or version) or, for a packing that depends on it, the input's shape. The packed weights are a cache:
+    copies and pickles drop them and pack their own."""
 
-    def packed(self, weight: Tensor, pack: Callable[[Tensor], Tensor]) -> Tensor:
-        key = (weight.dtype, weight.data_ptr(), weight._version)
-        if getattr(self, "_key", None) != key:
-            self._weight, self._key = pack(weight.detach()), key
-        return self._weight
+    def packed(self, weight: Tensor, pack: Callable[[Tensor], Tensor], shape: Optional[Sequence[int]] = None,
+               slot: str = "weight") -> Tensor:
+        """``pack(weight)``, cached in ``slot`` until the weight, or ``shape`` where one is given, changes."""
+        key = (weight.dtype, weight.data_ptr(), weight._version, None if shape is None else tuple(shape))
+        cache = self.__dict__.setdefault("_packed_weights", {})
+        if slot not in cache or cache[slot][0] != key:
+            cache[slot] = (key, pack(weight.detach()))
+        return cache[slot][1]
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.pop("_weight", None)
-        state.pop("_key", None)
+        state.pop("_packed_weights", None)
         return state
 
 
@@ -107,8 +110,13 @@ class FusedConv(_PackedWeight):
     The weight is reordered into oneDNN's own layout once (again only when it changes: its dtype, storage or
     version), as PyTorch's compiler does for frozen weights; unpacked, every call would reorder it, which cost
     more than the fusion saved (measured on the 2-core Xeon: ReLU and residual fused, 4-7 % off the bf16 model at
-    800x1199 with packed weights, nothing with unpacked ones). The layout is chosen for the first input's size
-    and serves any other.
+    800x1199 with packed weights, nothing with unpacked ones). oneDNN picks its kernel, and the weight layout that
+    kernel reads, for the input's shape, so in float32 the weight is packed again when that changes: packed for
+    another size, some convolutions ran many times slower (the AMD EPYC, res5's 512 -> 2048 1x1 at 13x19, packed
+    for 25x38: 26 against 2.4 ms; the model packed at 800x1199 took 1.26-1.32x as long at 640x480 and 512x683;
+    a stream of 7 sizes 1.08x as long as with packing for each, which costs 29 ms for the 57 convolutions). In
+    bf16 the first input's packing serves every size as fast (the same stream: 0.93x, repacking's 17 ms a size
+    cost more than it gained).
     """
 
     def __init__(self, conv: nn.Conv2d, relu: bool):
@@ -123,7 +131,8 @@ class FusedConv(_PackedWeight):
     def _packed(self, x: Tensor) -> Tensor:
         padding, stride, dilation, groups = self.geometry
         return self.packed(self.conv.weight, lambda weight: torch.ops.mkldnn._reorder_convolution_weight(
-            weight, padding, stride, dilation, groups, list(x.shape)))
+            weight, padding, stride, dilation, groups, list(x.shape)),
+            shape=x.shape if self.conv.weight.dtype == torch.float32 else None)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None, into_residual: bool = False) -> Tensor:
         """``relu?(conv(x) + bias [+ residual])``; with ``into_residual``, written into ``residual`` (which must be in
@@ -199,13 +208,14 @@ class WinogradConv(_PackedWeight):
         if self.products == "mkl":
             weight = self.packed(self.conv.weight, winograd_weight)
             return torch.ops.sparse_detr_C.winograd_conv3x3(x, weight, bias, self.relu)
-        if x.numel() == 0:  # nothing to multiply (and the cache holds oneDNN's packed weight, not the op's)
+        if x.numel() == 0:  # nothing to multiply
             return torch.ops.sparse_detr_C.winograd_conv3x3(x, winograd_weight(self.conv.weight), bias, self.relu)
         batch, channels, height, width = x.shape
         tiles = torch.ops.sparse_detr_C.winograd_input_tiles(x)  # (T, 16, C)
         grid = tiles.view(1, tiles.shape[0], 1, 16 * channels).permute(0, 3, 1, 2)  # (1, 16 C, T, 1), channels-last
-        weight = self.packed(self.conv.weight, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
-            _grouped_winograd_weight(w), [0, 0], [1, 1], [1, 1], 16, list(grid.shape)))
+        grouped = self.packed(self.conv.weight, _grouped_winograd_weight, slot="grouped")  # in float64: once
+        weight = self.packed(self.conv.weight, lambda _: torch.ops.mkldnn._reorder_convolution_weight(
+            grouped, [0, 0], [1, 1], [1, 1], 16, list(grid.shape)), shape=grid.shape)
         products = _CONVOLUTION(grid, weight, None, [0, 0], [1, 1], [1, 1], 16, "none", [], "")
         products = products.permute(0, 2, 3, 1).reshape(tiles.shape[0], 16, -1)  # (T, 16, K): a view
         return torch.ops.sparse_detr_C.winograd_output_tiles(products, bias, self.relu, [batch, height, width])
