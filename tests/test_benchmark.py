@@ -21,8 +21,8 @@ from fvcore.nn import FlopCountAnalysis
 from sparse_detr.benchmark import Timing, ab_table, scaling_study, scaling_table
 from sparse_detr.benchmark.figures import benchmark_config
 from sparse_detr.layers import ms_deform_attn
-from sparse_detr.benchmark.ab import (SIZE_SPREAD, Ratio, ab_ratio, ab_runs, build_side, side_keys, training_batch,
-                                     training_batches, turn_image_sizes)
+from sparse_detr.benchmark.ab import (SIZE_SPREAD, Ratio, ab_ratio, ab_runs, build_side, inference_batches, side_keys,
+                                     training_batch, training_batches, turn_image_sizes)
 from sparse_detr.benchmark.counts import cpu_peak_gflops, encoder_auxiliary_heads, trainable_parameters
 from sparse_detr.benchmark.timing import measure_speed, take_turns
 from sparse_detr.flops import SAMPLING_TAPS, authors_op_handles, count_flops
@@ -269,7 +269,7 @@ def test_an_ab_side_chooses_where_its_float32_products_run(monkeypatch):
     assert {label: run.path for label, run in runs.items()} == {"A": "fast, float32, float32 products: mkl",
                                                                  "B": "fast, float32, float32 products: onednn"}
     for label, min_rows in (("A", PACKED_FLOAT32_MIN_ROWS), ("B", 0)):
-        linears = [m for m in runs[label].call.func.modules() if isinstance(m, PackedLinear)]
+        linears = [m for m in runs[label].module.modules() if isinstance(m, PackedLinear)]
         assert linears and all(m.float32_min_rows == min_rows for m in linears)
     with torch.no_grad():
         a, b = (runs[label].call()[0]["instances"] for label in "AB")
@@ -332,6 +332,37 @@ def test_varying_training_batches_draw_new_sizes_each_turn_rounded_to_each_sides
     assert next(fixed) is next(fixed) and next(fixed)[0]["image"].shape == (3, HEIGHT, WIDTH)
     with pytest.raises(ValueError, match="image sizes are one of"):
         ab_runs(sides, "training", (HEIGHT, WIDTH), 2, cpu, sizes="random")
+
+
+def test_varying_inference_batches_give_both_sides_the_same_new_sizes_each_turn():
+    """Inference with varying sizes: each turn a batch of its own (the training batches' sizes, rounded to each side's
+    multiple, no boxes), the same images for both sides; each side's run takes the next batch at every call."""
+    sides = [build_side(DEMO_CONFIG, TINY_DEMO, label, text)
+             for label, text in (("A", "INPUT.SIDE_MULTIPLE 32"), ("B", "INPUT.SIDE_MULTIPLE 32 TEST.PRECISION float32"))]
+    cpu = torch.device("cpu")
+    size = (128, 192)  # 90-128 x 134-192 drawn, rounded to multiples of 32: several sizes
+    a, b = ([next(batches) for _ in range(4)]
+            for batches in (inference_batches(side, size, 2, 7, "varying", 3, cpu) for side in sides))
+    trained = [[tuple(item["image"].shape[1:]) for item in batch]
+               for batch in (next(training_batches(sides[0], size, 2, 3, 7, "varying", 3, cpu))
+                             for _ in range(1))]
+    sizes = [[tuple(item["image"].shape[1:]) for item in batch] for batch in a]
+    assert sizes[0] == trained[0] and sizes[3] == sizes[0] and len({tuple(turn) for turn in sizes[:3]}) > 1
+    for batch_a, batch_b in zip(a, b):
+        for item_a, item_b in zip(batch_a, batch_b):
+            assert torch.equal(item_a["image"], item_b["image"]) and "instances" not in item_a
+            assert (item_a["height"], item_a["width"]) == tuple(item_a["image"].shape[1:])
+            assert item_a["height"] % 32 == 0 and item_a["width"] % 32 == 0
+    fixed = inference_batches(sides[0], size, 2, 7, "fixed", 3, cpu)
+    assert next(fixed) is next(fixed) and next(fixed)[0]["image"].shape == (3, *size)
+    runs = ab_runs(sides, "inference", size, 1, cpu, seed=7, sizes="varying", turns=3)
+    seen = []
+    with torch.no_grad():
+        for _ in range(3):
+            for label in "AB":
+                seen.append((label, tuple(runs[label].call()[0]["instances"].image_size)))
+    assert [size for label, size in seen if label == "A"] == [size for label, size in seen if label == "B"]
+    assert len({size for _, size in seen}) > 1
 
 
 def test_ab_training_with_varying_sizes_says_so(benchmark, capsys):
@@ -401,7 +432,7 @@ def test_ab_in_processes_gives_each_side_its_own_allocator_setting(benchmark, ca
     (["", "TEST.PRECISION float16"], [], "error: --ab side B 'TEST.PRECISION float16': TEST.PRECISION must be one of"),
     (["", ""], ["--scaling"], "error: --ab times one config's two sides: it does not go with --scaling"),
     (["", ""], ["--ab-step", "training", "--dtype", "bf16"], "error: --dtype is for inference"),
-    (["", ""], ["--ab-sizes", "varying"], "error: --ab-sizes varying is for --ab-step training"),
+    (["", ""], ["--ab-sizes", "varying", "--ab-processes"], "error: --ab-sizes varying runs both sides in one process"),
 ])
 def test_ab_bad_input_is_one_error_line(benchmark, capsys, ab, extra, message):
     argv = ["--config-file", str(DEMO_CONFIG), "--device", "cpu", "--image-size", str(HEIGHT), str(WIDTH),

@@ -56,8 +56,9 @@ A, B, A, B, ... ``--ab-step inference`` (default) times the evaluation path at e
 of one random image; ``--ab-step training`` times one training iteration (forward, loss, backward, optimizer
 step, as train_net.py's trainer runs it) on one fixed batch of ``--batch-sizes`` random images of
 ``--image-size`` with random boxes, each side's k-th turn seeded alike; ``--ab-sizes varying`` gives each turn a
-batch of its own, as a training loader does, each image's sides drawn from 0.7-1 x ``--image-size`` (the same
-draws for both sides, each rounding them to its ``INPUT.SIDE_MULTIPLE``). Printed: each side's overrides and path,
+batch of its own, as a training loader or an evaluation of many image sizes does (either step), each image's
+sides drawn from 0.7-1 x ``--image-size`` (the same draws for both sides, each rounding them to its
+``INPUT.SIDE_MULTIPLE``). Printed: each side's overrides and path,
 the median of its turns, B's median over A's (A's speed-up over B) with the range of the per-turn ratios, and
 the CPU (model name, native bf16 through AMX / AVX512-BF16).
 
@@ -200,8 +201,8 @@ def check_arguments(args) -> None:
             raise ValueError(f"--ab times one config's two sides: it does not go with {', '.join(others)}")
         if args.ab_processes and args.ab_step != "inference":
             raise ValueError("--ab-processes times inference (--ab-step inference)")
-        if args.ab_sizes != "fixed" and args.ab_step != "training":
-            raise ValueError("--ab-sizes varying is for --ab-step training (inference times one image size)")
+        if args.ab_sizes != "fixed" and args.ab_processes:
+            raise ValueError("--ab-sizes varying runs both sides in one process (without --ab-processes)")
         if args.ab_step == "training" and args.dtype != "fp32":
             raise ValueError("--dtype is for inference: train in mixed precision through an --ab override "
                              "(SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION bfloat16)")

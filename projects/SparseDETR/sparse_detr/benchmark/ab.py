@@ -9,7 +9,9 @@ agree), and take the same inputs. Each is warmed up (the warm-up runs of A, then
 turns, A, B, A, B, ..., so that a busy spell of a shared machine slows both alike. The step timed is one of:
 
 * ``inference``: ``module(batched_inputs)`` on the path evaluation runs (``TEST.FAST_INFERENCE``,
-  ``TEST.PRECISION``), on ``batch_size`` copies of one random image, without gradients;
+  ``TEST.PRECISION``), on ``batch_size`` copies of one random image, without gradients; with
+  ``sizes="varying"``, on a batch of random images of sizes drawn anew each turn, as below (an evaluation of
+  images of many sizes: a new shape may cost a kernel generation and a weight packing);
 * ``training``: one iteration of Detectron2's trainer, as ``train_net.py`` builds it (forward, loss, backward,
   optimizer step; ``SimpleTrainer``, or ``MixedPrecisionTrainer`` with ``SOLVER.AMP.ENABLED``; the backbone
   channels-last on the CPU), on one fixed batch of random images with random ground truth; each side's k-th
@@ -28,7 +30,6 @@ import os
 import shlex
 import statistics
 from contextlib import ExitStack, contextmanager, nullcontext
-from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 from unittest import mock
@@ -52,8 +53,8 @@ from .tables import cpu_line
 from .timing import Timing, image_batch, precision, take_turns
 
 __all__ = ["ATTENTION_KEY", "MALLOC_KEY", "MATMUL_KEY", "SIZES", "STEPS", "Ratio", "Run", "Side", "ab_benchmark",
-           "ab_ratio", "ab_runs", "ab_table", "build_side", "parse_overrides", "side_keys", "training_batch",
-           "training_batches", "turn_image_sizes"]
+           "ab_ratio", "ab_runs", "ab_table", "build_side", "inference_batches", "parse_overrides", "side_keys",
+           "training_batch", "training_batches", "turn_image_sizes"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class Run(NamedTuple):
 
     call: Callable[[], object]  # runs the step once
     path: str  # what runs: "fast, bfloat16", "plain", "training, float32", ...
+    module: Optional[torch.nn.Module] = None  # inference: the evaluation path's module
 
 
 class Ratio(NamedTuple):
@@ -161,7 +163,7 @@ def _with_attention(side: Side, run: Run) -> Run:
         with use_implementation(side.attention):
             return run.call()
 
-    return Run(call, f"{run.path}, {side.attention} attention")
+    return Run(call, f"{run.path}, {side.attention} attention", run.module)
 
 
 def turn_image_sizes(image_size: Tuple[int, int], batch_size: int, seed: int) -> List[Tuple[int, int]]:
@@ -188,12 +190,34 @@ def training_batch(image_size: Tuple[int, int], batch_size: int, num_classes: in
     return batch
 
 
-def _inference_run(side: Side, batched_inputs: List[Dict], device: torch.device) -> Run:
+def _inference_run(side: Side, loader: Iterator[List[Dict]], device: torch.device) -> Run:
     building = nullcontext() if side.matmul is None else mock.patch.dict(os.environ, {FLOAT32_MATMUL_ENV: side.matmul})
     with building:  # read while the fast path is built, restored after
         path = evaluation_path(side.cfg, side.model.to(device), device)
     label = path.label if side.matmul is None else f"{path.label}, float32 products: {side.matmul}"
-    return Run(partial(path.module, batched_inputs), label)
+    return Run(lambda: path.module(next(loader)), label, path.module)
+
+
+def _drawn_sizes(side: Side, image_size: Tuple[int, int], batch_size: int, turn_seed: int) -> List[Tuple[int, int]]:
+    """A turn's image sizes (:func:`turn_image_sizes`), each side rounded to the side's ``INPUT.SIDE_MULTIPLE`` as
+    its data mapper would."""
+    multiple = side.cfg.INPUT.SIDE_MULTIPLE
+    rounded = ResizeToMultiple(multiple).nearest if multiple else (lambda side_length: side_length)
+    return [(rounded(h), rounded(w)) for h, w in turn_image_sizes(image_size, batch_size, turn_seed)]
+
+
+def inference_batches(side: Side, image_size: Tuple[int, int], batch_size: int, seed: int, sizes: str, turns: int,
+                      device: torch.device) -> Iterator[List[Dict]]:
+    """What the side's inference takes: ``batch_size`` copies of one random image again and again, or ``turns``
+    batches of random images of varying sizes in a cycle (the sizes of :func:`training_batches`, without boxes)."""
+    if sizes == "fixed":
+        return itertools.repeat(image_batch(random_image(*image_size, seed).to(device), batch_size))
+    batches = []
+    for turn in range(turns):
+        turn_seed = stream_seed(seed, turn)
+        batches.append([{"image": random_image(h, w, turn_seed + index).to(device), "height": h, "width": w}
+                        for index, (h, w) in enumerate(_drawn_sizes(side, image_size, batch_size, turn_seed))])
+    return itertools.cycle(batches)
 
 
 def training_batches(side: Side, image_size: Tuple[int, int], batch_size: int, num_classes: int, seed: int,
@@ -205,12 +229,10 @@ def training_batches(side: Side, image_size: Tuple[int, int], batch_size: int, n
 
     if sizes == "fixed":
         return itertools.repeat(on_device(training_batch(image_size, batch_size, num_classes, seed)))
-    multiple = side.cfg.INPUT.SIDE_MULTIPLE
-    rounded = ResizeToMultiple(multiple).nearest if multiple else (lambda side_length: side_length)
     batches = []
     for turn in range(turns):
         turn_seed = stream_seed(seed, turn)
-        drawn = [(rounded(h), rounded(w)) for h, w in turn_image_sizes(image_size, batch_size, turn_seed)]
+        drawn = _drawn_sizes(side, image_size, batch_size, turn_seed)
         batches.append(on_device(training_batch(image_size, batch_size, num_classes, turn_seed, drawn)))
     return itertools.cycle(batches)
 
@@ -240,8 +262,9 @@ def ab_runs(sides: Sequence[Side], step: str, image_size: Tuple[int, int], batch
     if sizes not in SIZES:
         raise ValueError(f"the A/B image sizes are one of {SIZES}, got {sizes!r}")
     if step == "inference":
-        batched_inputs = image_batch(random_image(*image_size, seed).to(device), batch_size)
-        make = partial(_inference_run, batched_inputs=batched_inputs, device=device)
+        def make(side):
+            return _inference_run(side, inference_batches(side, image_size, batch_size, seed, sizes, turns, device),
+                                  device)
     elif step == "training":
         num_classes = min(side.cfg.MODEL.SPARSE_DETR.NUM_CLASSES for side in sides)
 
