@@ -338,7 +338,8 @@ def test_varying_inference_batches_give_both_sides_the_same_new_sizes_each_turn(
     """Inference with varying sizes: each turn a batch of its own (the training batches' sizes, rounded to each side's
     multiple, no boxes), the same images for both sides; each side's run takes the next batch at every call."""
     sides = [build_side(DEMO_CONFIG, TINY_DEMO, label, text)
-             for label, text in (("A", "INPUT.SIDE_MULTIPLE 32"), ("B", "INPUT.SIDE_MULTIPLE 32 TEST.PRECISION float32"))]
+             for label, text in (("A", "INPUT.SIDE_MULTIPLE 32"),
+                                 ("B", "INPUT.SIDE_MULTIPLE 32 TEST.PRECISION float32"))]
     cpu = torch.device("cpu")
     size = (128, 192)  # 90-128 x 134-192 drawn, rounded to multiples of 32: several sizes
     a, b = ([next(batches) for _ in range(4)]
