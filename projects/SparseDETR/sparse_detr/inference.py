@@ -40,7 +40,7 @@ from torch import nn
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.layers import Conv2d as D2Conv2d
 
-from .fusion import WinogradConv, fuse_resnet, pack_convolutions, pack_linears
+from .fusion import WinogradConv, cpu_vendor, fuse_resnet, pack_convolutions, pack_linears
 from .layers import MSDeformAttn
 from .meta_arch import SparseDETR
 from .transformer import TransformerOutput
@@ -52,28 +52,25 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
-def has_native_bf16() -> bool:
-    """True on CPUs with bf16 arithmetic in hardware (AMX tiles or AVX512-BF16), where bf16 pays off."""
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported",
-                                                                         "_is_avx512_bf16_supported"))
-
-
 def has_amx() -> bool:
     """True on CPUs with AMX tiles (Intel's Sapphire Rapids and later): bf16 products at 8x AVX512-BF16's rate."""
     return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
+def has_native_bf16() -> bool:
+    """True on CPUs with bf16 arithmetic in hardware (AMX tiles or AVX512-BF16), where bf16 pays off."""
+    return has_amx() or getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+
+
 def cpu_description() -> Dict:
     """Model name, vendor, family, clock and the vector/matrix units of this machine's CPU (Linux /proc/cpuinfo)."""
-    info = {"model": "unknown CPU", "vendor": "", "family": None, "mhz": None, "flags": set()}
+    info = {"model": "unknown CPU", "vendor": cpu_vendor(), "family": None, "mhz": None, "flags": set()}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = (part.strip() for part in line.partition(":"))
                 if key == "model name":
                     info["model"] = value
-                elif key == "vendor_id":
-                    info["vendor"] = value
                 elif key == "cpu family" and value.isdigit():
                     info["family"] = int(value)
                 elif key == "cpu MHz" and info["mhz"] is None:
