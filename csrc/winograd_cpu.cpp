@@ -1,36 +1,48 @@
-// A 3x3 convolution (stride 1, padding 1) in float32 on the CPU by Winograd's minimal filtering F(2x2, 3x3),
-// for the fast inference path's ResNet blocks (projects/SparseDETR/sparse_detr/fusion.py):
+// A 3x3 convolution (stride 1, padding 1) in float32 on the CPU by Winograd's minimal filtering F(2x2, 3x3) or
+// F(4x4, 3x3), for the fast inference path's ResNet blocks (projects/SparseDETR/sparse_detr/fusion.py):
 //
 //   sparse_detr_C::winograd_conv3x3(input, transformed_weight, bias, relu) -> output
 //
-// input (N, C, H, W) float32 in channels-last memory; transformed_weight (16, C, K) = G w G^T of the
-// (K, C, 3, 3) weight for each of the 16 positions of a 4x4 tile (computed once, in Python, in float64);
-// bias (K,). The output (N, K, H, W), channels-last, is relu?(conv(input, w) + bias).
+// input (N, C, H, W) float32 in channels-last memory; transformed_weight (P, C, K) = G w G^T of the (K, C, 3, 3)
+// weight for each of the P positions of a tile (computed once, in Python, in float64): P = 16 (4x4 tiles) for
+// F(2x2, 3x3), 36 (6x6 tiles) for F(4x4, 3x3); bias (K,). The output (N, K, H, W), channels-last, is
+// relu?(conv(input, w) + bias).
 //
-// Each 2x2 block of outputs reads a 4x4 block of inputs; in the transformed domain the convolution becomes
-// 16 independent matrix products (tiles x C) @ (C x K), 16 multiplications for 4 outputs where the direct
-// convolution takes 36: 2.25x fewer multiply-adds. The transforms are additions only:
+// Each M x M block of outputs (M = 2 or 4) reads an (M + 2) x (M + 2) block of inputs; in the transformed domain
+// the convolution becomes P independent matrix products (tiles x C) @ (C x K): F(2x2, 3x3) takes 16 multiplications
+// for 4 outputs, F(4x4, 3x3) 36 for 16, where the direct convolution takes 9 an output (2.25x and 4x fewer
+// multiply-adds). The transforms are additions and multiplications by powers of two:
 //
+//   F(2x2, 3x3) (the points 0, 1, -1 and infinity):
 //   V = B^T d B,  B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]   (d: the 4x4 input block, zero outside)
 //   Y = A^T M A,  A^T = [1 1 1 0; 0 1 -1 -1]                         (M: the 4x4 block of products)
 //
-// F(2x2, 3x3) rounds within a few times the direct convolution's float32 error (its transforms add at most
-// three terms of coefficient 1); the larger tiles (F(4x4, 3x3): 4x fewer multiply-adds) round 20-40x worse,
-// which the fast path's float32 bound (scores within 1e-5 of the plain model) does not allow.
+//   F(4x4, 3x3) (the points 0, 1, -1, 2, -2 and infinity; G's rows carry the fractions):
+//   B^T = [4 0 -5 0 1 0; 0 4 4 -1 -1 0; 0 -4 4 1 -1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1]
+//   A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]
+//
+// Accuracy: F(2x2, 3x3) rounds within a few times the direct convolution's float32 error (its transforms add at
+// most three terms of coefficient 1); one F(4x4, 3x3) convolution alone rounds 20-40x worse than the direct one
+// (its coefficients reach 5 and 8), but through ResNet-50 (whose residual sums and 1x1 convolutions carry most of
+// each feature) the fast path's features end within 1.2x of F(2x2, 3x3)'s distance to float64, within 2x the plain
+// float32 model's own (tests/test_winograd.py measures both).
 //
 // The transforms (winograd_loops.h) run over tiles under at::parallel_for, 16 channels at a time in one vector of
 // this machine's instruction set (the max pool's scheme, see max_pool_cpu.cpp). winograd_conv3x3 takes the products
 // as one at::bmm (MKL's batched sgemm). The two transforms are also ops of their own, for products computed
 // elsewhere (sparse_detr/fusion.py: oneDNN's grouped 1x1 convolution, faster than MKL on CPUs other than Intel's):
 //
-//   sparse_detr_C::winograd_input_tiles(input) -> V                          (tiles, 16, C), contiguous
-//   sparse_detr_C::winograd_output_tiles(M, bias, relu, size) -> output     M (tiles, 16, K), K contiguous;
-//                                                                            size (N, H, W) of the input
+//   sparse_detr_C::winograd_input_tiles(input, tile=2) -> V                      (tiles, P, C), contiguous
+//   sparse_detr_C::winograd_output_tiles(M, bias, relu, size, tile=2) -> output  M (tiles, P, K), K contiguous;
+//                                                                                 size (N, H, W) of the input
 //
-// where tiles = N * ceil(H / 2) * ceil(W / 2), in the order (image, tile row, tile column).
+// where `tile` is M (2 or 4), P = (M + 2)^2 and tiles = N * ceil(H / M) * ceil(W / M), in the order (image, tile
+// row, tile column).
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <type_traits>
+#include <utility>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -45,12 +57,14 @@ constexpr int64_t kBlock = 16;  // channels a transform handles at once: one AVX
 constexpr int64_t kTileGrain = 16;
 
 struct Geometry {
-  int64_t batch, height, width, tiles_h, tiles_w;
+  int64_t batch, height, width, tile, tiles_h, tiles_w;  // tile: the outputs of a tile along each side (M)
   int64_t tiles() const { return batch * tiles_h * tiles_w; }
+  int64_t positions() const { return (tile + 2) * (tile + 2); }
 };
 
-Geometry geometry_of(int64_t batch, int64_t height, int64_t width) {
-  return {batch, height, width, (height + 1) / 2, (width + 1) / 2};
+Geometry geometry_of(int64_t batch, int64_t height, int64_t width, int64_t tile, const char* op) {
+  TORCH_CHECK(tile == 2 || tile == 4, op, ": tile must be 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got ", tile);
+  return {batch, height, width, tile, (height + tile - 1) / tile, (width + tile - 1) / tile};
 }
 
 // Where V[p, tile, c] (or M[p, tile, k]) lies: p * position + tile * tile + c from the start.
@@ -65,18 +79,23 @@ using InputLoop = void (*)(const float*, float*, const Geometry&, const Layout&,
 using OutputLoop = void (*)(const float*, const float*, float*, const Geometry&, const Layout&, int64_t, bool, int64_t,
                             int64_t);
 
-// The variant of ATen's CPU capability (ATEN_CPU_CAPABILITY=default|avx2|avx512 picks another).
-std::pair<InputLoop, OutputLoop> loops() {
+// The loops of a tile size in the variant of ATen's CPU capability (ATEN_CPU_CAPABILITY=default|avx2|avx512 picks
+// another).
+std::pair<InputLoop, OutputLoop> loops(int64_t tile) {
+#define SPARSE_DETR_WINOGRAD_LOOPS(variant)                                              \
+  return tile == 4 ? std::make_pair(&variant::input_tiles<4>, &variant::output_tiles<4>) \
+                   : std::make_pair(&variant::input_tiles<2>, &variant::output_tiles<2>)
 #ifdef SPARSE_DETR_X86_VARIANTS
   const std::string capability = at::get_cpu_capability();
   if (capability == "AVX512") {
-    return {&avx512::input_tiles, &avx512::output_tiles};
+    SPARSE_DETR_WINOGRAD_LOOPS(avx512);
   }
   if (capability == "AVX2") {
-    return {&avx2::input_tiles, &avx2::output_tiles};
+    SPARSE_DETR_WINOGRAD_LOOPS(avx2);
   }
 #endif
-  return {&generic::input_tiles, &generic::output_tiles};
+  SPARSE_DETR_WINOGRAD_LOOPS(generic);
+#undef SPARSE_DETR_WINOGRAD_LOOPS
 }
 
 void check_input(const at::Tensor& input, const char* op) {
@@ -93,7 +112,7 @@ void check_bias(const at::Tensor& bias, int64_t out_channels, const char* op) {
 // V = B^T d B of every tile of the channels-last `input`, into `v` laid out as `layout` says.
 void transform_input(const at::Tensor& input, const Geometry& g, float* v, const Layout& layout) {
   const at::Tensor in = input.contiguous(at::MemoryFormat::ChannelsLast);
-  const InputLoop input_loop = loops().first;
+  const InputLoop input_loop = loops(g.tile).first;
   at::parallel_for(0, g.tiles(), kTileGrain, [&](int64_t begin, int64_t end) {
     input_loop(in.data_ptr<float>(), v, g, layout, input.size(1), begin, end);
   });
@@ -106,7 +125,7 @@ at::Tensor transform_output(const float* m, const Layout& layout, const at::Tens
   at::Tensor output = at::empty({g.batch, out_channels, g.height, g.width},
                                 options.memory_format(at::MemoryFormat::ChannelsLast));
   const at::Tensor b = bias.contiguous();
-  const OutputLoop output_loop = loops().second;
+  const OutputLoop output_loop = loops(g.tile).second;
   at::parallel_for(0, g.tiles(), kTileGrain, [&](int64_t begin, int64_t end) {
     output_loop(m, b.data_ptr<float>(), output.data_ptr<float>(), g, layout, out_channels, relu, begin, end);
   });
@@ -117,46 +136,51 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& transform
                             bool relu) {
   check_input(input, "winograd_conv3x3");
   const int64_t channels = input.size(1);
-  TORCH_CHECK(transformed_weight.dim() == 3 && transformed_weight.size(0) == 16 &&
+  const int64_t positions = transformed_weight.dim() == 3 ? transformed_weight.size(0) : 0;
+  TORCH_CHECK(transformed_weight.dim() == 3 && (positions == 16 || positions == 36) &&
                   transformed_weight.size(1) == channels && transformed_weight.scalar_type() == at::kFloat,
-              "winograd_conv3x3: transformed_weight must be (16, C, K) float32 with C = ", channels, ", got ",
-              transformed_weight.sizes(), " ", transformed_weight.scalar_type());
+              "winograd_conv3x3: transformed_weight must be (16, C, K) (F(2x2, 3x3)) or (36, C, K) (F(4x4, 3x3)) ",
+              "float32 with C = ", channels, ", got ", transformed_weight.sizes(), " ",
+              transformed_weight.scalar_type());
   const int64_t out_channels = transformed_weight.size(2);
   check_bias(bias, out_channels, "winograd_conv3x3");
-  const Geometry g = geometry_of(input.size(0), input.size(2), input.size(3));
+  const Geometry g =
+      geometry_of(input.size(0), input.size(2), input.size(3), positions == 16 ? 2 : 4, "winograd_conv3x3");
   if (g.tiles() == 0) {
     return at::empty({g.batch, out_channels, g.height, g.width},
                      input.options().memory_format(at::MemoryFormat::ChannelsLast));
   }
-  // position-major (16, tiles, C): the 16 products are one batched matrix product
-  at::Tensor v = at::empty({16, g.tiles(), channels}, input.options());
+  // position-major (P, tiles, C): the P products are one batched matrix product
+  at::Tensor v = at::empty({positions, g.tiles(), channels}, input.options());
   transform_input(input, g, v.data_ptr<float>(), Layout{g.tiles() * channels, channels});
   const at::Tensor m = at::bmm(v, transformed_weight.contiguous());
   return transform_output(m.data_ptr<float>(), Layout{g.tiles() * out_channels, out_channels}, bias, relu, g,
                           input.options());
 }
 
-at::Tensor winograd_input_tiles(const at::Tensor& input) {
+at::Tensor winograd_input_tiles(const at::Tensor& input, int64_t tile) {
   check_input(input, "winograd_input_tiles");
-  const Geometry g = geometry_of(input.size(0), input.size(2), input.size(3));
+  const Geometry g = geometry_of(input.size(0), input.size(2), input.size(3), tile, "winograd_input_tiles");
   const int64_t channels = input.size(1);
-  at::Tensor v = at::empty({g.tiles(), 16, channels}, input.options());
+  at::Tensor v = at::empty({g.tiles(), g.positions(), channels}, input.options());
   if (v.numel() > 0) {
-    transform_input(input, g, v.data_ptr<float>(), Layout{channels, 16 * channels});
+    transform_input(input, g, v.data_ptr<float>(), Layout{channels, g.positions() * channels});
   }
   return v;
 }
 
-at::Tensor winograd_output_tiles(const at::Tensor& products, const at::Tensor& bias, bool relu, at::IntArrayRef size) {
+at::Tensor winograd_output_tiles(const at::Tensor& products, const at::Tensor& bias, bool relu, at::IntArrayRef size,
+                                 int64_t tile) {
   TORCH_CHECK(size.size() == 3 && size[0] >= 0 && size[1] >= 0 && size[2] >= 0,
               "winograd_output_tiles: size must be the input's (N, H, W), got ", size);
-  const Geometry g = geometry_of(size[0], size[1], size[2]);
-  TORCH_CHECK(products.dim() == 3 && products.size(0) == g.tiles() && products.size(1) == 16 &&
+  const Geometry g = geometry_of(size[0], size[1], size[2], tile, "winograd_output_tiles");
+  TORCH_CHECK(products.dim() == 3 && products.size(0) == g.tiles() && products.size(1) == g.positions() &&
                   products.scalar_type() == at::kFloat && products.device().is_cpu() &&
                   (products.stride(2) == 1 || products.size(2) <= 1),
-              "winograd_output_tiles: products must be a (tiles, 16, K) float32 CPU tensor with K contiguous and ",
-              "tiles = ", g.tiles(), " for an input of size ", size, ", got ", products.sizes(), " strides ",
-              products.strides(), " ", products.scalar_type(), " on ", products.device());
+              "winograd_output_tiles: products must be a (tiles, ", g.positions(), ", K) float32 CPU tensor with K ",
+              "contiguous and tiles = ", g.tiles(), " for an input of size ", size, " and tile ", tile, ", got ",
+              products.sizes(), " strides ", products.strides(), " ", products.scalar_type(), " on ",
+              products.device());
   check_bias(bias, products.size(2), "winograd_output_tiles");
   if (g.tiles() == 0 || products.size(2) == 0) {
     return at::empty({g.batch, products.size(2), g.height, g.width},
@@ -171,8 +195,8 @@ at::Tensor winograd_output_tiles(const at::Tensor& products, const at::Tensor& b
 
 TORCH_LIBRARY_FRAGMENT(MSDA_LIBRARY, m) {
   m.def("winograd_conv3x3(Tensor input, Tensor transformed_weight, Tensor bias, bool relu) -> Tensor");
-  m.def("winograd_input_tiles(Tensor input) -> Tensor");
-  m.def("winograd_output_tiles(Tensor products, Tensor bias, bool relu, int[] size) -> Tensor");
+  m.def("winograd_input_tiles(Tensor input, int tile=2) -> Tensor");
+  m.def("winograd_output_tiles(Tensor products, Tensor bias, bool relu, int[] size, int tile=2) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(MSDA_LIBRARY, CPU, m) {

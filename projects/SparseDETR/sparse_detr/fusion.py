@@ -11,8 +11,9 @@ convolution); in bf16 the fused residual addition is rounded once instead of twi
 
 :func:`fuse_resnet` rewrites the stem and the blocks of a folded ResNet in place; anything else (a Swin, a
 ResNet with GroupNorm, which cannot be folded, a CUDA model) is left as it is. In float32 (``winograd=True``), the
-blocks' 3x3 convolutions of stride 1 with 128 channels or more in and out run by Winograd's F(2x2, 3x3)
-(:class:`WinogradConv`): 2.25x fewer multiply-adds, rounded as closely as oneDNN's direct convolution.
+blocks' 3x3 convolutions of stride 1 with 64 channels or more in and out run by Winograd's F(4x4, 3x3)
+(:class:`WinogradConv`): 4x fewer multiply-adds; ``SPARSE_DETR_WINOGRAD_TILE=2`` takes F(2x2, 3x3) instead (2.25x
+fewer, 128 channels or more), rounded as closely as oneDNN's direct convolution (see :func:`winograd_tile`).
 
 Where float32 matrix products run (:func:`float32_matmul_library`): PyTorch's BLAS (MKL on x86) or oneDNN. MKL is
 fast on Intel's CPUs and slow on others (its fastest kernels are Intel's own), so on an x86 CPU of another maker
@@ -32,8 +33,9 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, Bottlenec
 from .conv_workaround import narrowed, one_column_bf16, widened
 from .layers.ms_deform_attn import compiled_kernels_available
 
-__all__ = ["FLOAT32_MATMUL_ENV", "FusedConv", "PackedLinear", "WinogradConv", "cpu_vendor", "float32_matmul_library",
-           "fuse_resnet", "max_pool_available", "pack_convolutions", "pack_linears", "stem_max_pool"]
+__all__ = ["FLOAT32_MATMUL_ENV", "WINOGRAD_TILE_ENV", "FusedConv", "PackedLinear", "WinogradConv", "cpu_vendor",
+           "float32_matmul_library", "fuse_resnet", "max_pool_available", "pack_convolutions", "pack_linears",
+           "stem_max_pool", "winograd_tile"]
 
 _CONVOLUTION = torch.ops.mkldnn._convolution_pointwise
 _CONVOLUTION_INTO = torch.ops.mkldnn._convolution_pointwise_.binary  # accumulates into its first argument
@@ -158,21 +160,49 @@ class FusedConv(_PackedWeight):
                                    "add", None, "relu" if self.relu else None, [], "")
 
 
-# G of F(2x2, 3x3): the transformed weight of each of a 4x4 tile's 16 positions is G w G^T
-_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-# Below 128 channels the products are too thin, and the transformed tiles too many, to pay for the transforms.
-# Measured on the 2-core Xeon at 800x1199 against oneDNN's direct convolution (float32, the op alone, fastest of 9
-# interleaved runs, 1 / 2 threads): ResNet-50's res4, 256 channels, 24.7 / 13.7 against 40.9 / 23.1 ms; res5, 512
-# channels, 28.4 / 16.0 against 45.8 / 25.6 ms; res3, 128 channels, 27.9 / 16.5 against 39.3 / 24.4 ms; res2, 64
-# channels, 40.4 / 23.0 against 35.1 / 23.2 ms (its transforms move 4x the bytes of its products).
-WINOGRAD_MIN_CHANNELS = 128
+# G of F(M x M, 3x3) by tile size M: the transformed weight at each of a tile's (M + 2)^2 positions is G w G^T
+# (csrc/winograd_cpu.cpp has B^T and A^T; F(4x4, 3x3)'s G carries the fractions its B^T leaves out)
+_WINOGRAD_G = {
+    2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
+    4: ((1 / 4, 0.0, 0.0), (1 / 6, 1 / 6, 1 / 6), (1 / 6, -1 / 6, 1 / 6), (1 / 24, 1 / 12, 1 / 6),
+        (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0)),
+}
+WINOGRAD_TILES = tuple(_WINOGRAD_G)
+# 4 | 2: the tile the fast path's Winograd convolutions take (read when a fast model is built; see winograd_tile)
+WINOGRAD_TILE_ENV = "SPARSE_DETR_WINOGRAD_TILE"
+# The narrowest convolution (channels in and out) Winograd pays for, by tile: below it the products are too thin,
+# and the transformed tiles too many, to pay for the transforms. F(2x2, 3x3), measured on the 2-core Xeon at
+# 800x1199 against oneDNN's direct convolution (float32, the op alone, fastest of 9 interleaved runs, 1 / 2
+# threads): ResNet-50's res4, 256 channels, 24.7 / 13.7 against 40.9 / 23.1 ms; res5, 512 channels, 28.4 / 16.0
+# against 45.8 / 25.6 ms; res3, 128 channels, 27.9 / 16.5 against 39.3 / 24.4 ms; res2, 64 channels, 40.4 / 23.0
+# against 35.1 / 23.2 ms (its transforms move 4x the bytes of its products). F(4x4, 3x3), whose transformed tiles
+# are 2.25 values an output where F(2x2, 3x3)'s are 4, measured on the 2-core AMD EPYC (Zen 4) the same way with
+# oneDNN's products (2 threads; F(4x4) / F(2x2) / direct): res2 13.5 / 22.7 / 19.7 ms, res3 9.5 / 15.4 / 19.8,
+# res4 8.0 / 12.4 / 19.4, res5 7.9 / 11.3 / 19.2; with MKL's: 16.5 / 21.1 / 19.8, 12.2 / 17.0 / 19.8,
+# 9.4 / 13.9 / 19.4, 10.0 / 12.7 / 19.6.
+WINOGRAD_MIN_CHANNELS = {2: 128, 4: 64}
 
 
-def winograd_weight(weight: Tensor) -> Tensor:
-    """(K, C, 3, 3) -> (16, C, K): G w G^T at the 16 positions of a tile, computed in float64, as float32."""
-    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
+def winograd_tile() -> int:
+    """The outputs a side of a tile of the fast path's Winograd convolutions: 4 (F(4x4, 3x3), the default: 4x fewer
+    multiply-adds than the direct convolution, 1.4-1.7x faster than F(2x2, 3x3) on the 2-core AMD EPYC) or 2
+    (F(2x2, 3x3): 2.25x fewer, rounded as closely as the direct convolution); ``$SPARSE_DETR_WINOGRAD_TILE``
+    chooses."""
+    choice = os.environ.get(WINOGRAD_TILE_ENV, "4")
+    if choice not in [str(tile) for tile in WINOGRAD_TILES]:
+        raise ValueError(f"{WINOGRAD_TILE_ENV}={choice!r}: expected one of "
+                         f"{', '.join(str(tile) for tile in sorted(WINOGRAD_TILES, reverse=True))}")
+    return int(choice)
+
+
+def winograd_weight(weight: Tensor, tile: int = 2) -> Tensor:
+    """(K, C, 3, 3) -> ((tile + 2)^2, C, K): G w G^T at the positions of a tile of F(tile x tile, 3x3), computed in
+    float64, as float32."""
+    if tile not in _WINOGRAD_G:
+        raise ValueError(f"winograd_weight: tile must be one of {WINOGRAD_TILES}, got {tile!r}")
+    g = torch.tensor(_WINOGRAD_G[tile], dtype=torch.float64, device=weight.device)
     transformed = torch.einsum("ia,kcab,jb->ijck", g, weight.double(), g)
-    return transformed.reshape(16, weight.shape[1], weight.shape[0]).float().contiguous()
+    return transformed.reshape(-1, weight.shape[1], weight.shape[0]).float().contiguous()
 
 
 def winograd_available() -> bool:
@@ -181,50 +211,58 @@ def winograd_available() -> bool:
         "winograd_conv3x3", "winograd_input_tiles", "winograd_output_tiles"))
 
 
-def _winograd_fusable(conv: nn.Module) -> bool:
+def _winograd_fusable(conv: nn.Module, tile: int) -> bool:
     return (_fusable(conv) and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.weight.dtype == torch.float32
-            and min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS)
+            and min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS[tile])
 
 
 class WinogradConv(_PackedWeight):
     """``conv`` (a folded 3x3 Detectron2 Conv2d of stride 1 and padding 1) in float32 as ``relu?(conv(x) + bias)``
-    by Winograd's F(2x2, 3x3) (``csrc/winograd_cpu.cpp``), with the transformed weight computed once (again only
-    when the weight changes); see :data:`WINOGRAD_MIN_CHANNELS` for what it gains. ``products``: "mkl" takes the
-    16 matrix products as one batched product (``torch.ops.sparse_detr_C.winograd_conv3x3``); "onednn" as one
-    oneDNN 1x1 convolution of 16 groups over the tiles (the transformed tiles, (tiles, 16, C), are a channels-last
-    (1, 16 C, tiles, 1) map) with its weight packed, between the op's two transforms."""
+    by Winograd's F(tile x tile, 3x3) (``csrc/winograd_cpu.cpp``; ``tile`` 2 or 4), with the transformed weight
+    computed once (again only when the weight changes); see :data:`WINOGRAD_MIN_CHANNELS` for what it gains.
+    ``products``: "mkl" takes the (tile + 2)^2 matrix products as one batched product
+    (``torch.ops.sparse_detr_C.winograd_conv3x3``); "onednn" as one oneDNN 1x1 convolution of that many groups over
+    the tiles (the transformed tiles, (tiles, P, C), are a channels-last (1, P C, tiles, 1) map) with its weight
+    packed, between the op's two transforms."""
 
-    def __init__(self, conv: nn.Conv2d, relu: bool, products: str = "mkl"):
+    def __init__(self, conv: nn.Conv2d, relu: bool, products: str = "mkl", tile: int = 2):
         super().__init__()
         if products not in ("mkl", "onednn"):
             raise ValueError(f"WinogradConv: products are computed by 'mkl' or 'onednn', got {products!r}")
-        self.conv, self.relu, self.products = conv, relu, products
+        if tile not in WINOGRAD_TILES:
+            raise ValueError(f"WinogradConv: tile must be one of {WINOGRAD_TILES}, got {tile!r}")
+        self.conv, self.relu, self.products, self.tile = conv, relu, products, tile
         self.kernel_size, self.padding, self.stride, self.dilation = (conv.kernel_size, conv.padding, conv.stride,
                                                                       conv.dilation)
 
     def forward(self, x: Tensor) -> Tensor:
         x, bias = x.float(), self.conv.bias.float()
         if self.products == "mkl":
-            weight = self.packed(self.conv.weight, winograd_weight)
+            weight = self.packed(self.conv.weight, lambda w: winograd_weight(w, self.tile))
             return torch.ops.sparse_detr_C.winograd_conv3x3(x, weight, bias, self.relu)
         if x.numel() == 0:  # nothing to multiply
-            return torch.ops.sparse_detr_C.winograd_conv3x3(x, winograd_weight(self.conv.weight), bias, self.relu)
+            return torch.ops.sparse_detr_C.winograd_conv3x3(x, winograd_weight(self.conv.weight, self.tile), bias,
+                                                            self.relu)
         batch, channels, height, width = x.shape
-        tiles = torch.ops.sparse_detr_C.winograd_input_tiles(x)  # (T, 16, C)
-        grid = tiles.view(1, tiles.shape[0], 1, 16 * channels).permute(0, 3, 1, 2)  # (1, 16 C, T, 1), channels-last
-        grouped = self.packed(self.conv.weight, _grouped_winograd_weight, slot="grouped")  # in float64: once
+        tiles = torch.ops.sparse_detr_C.winograd_input_tiles(x, self.tile)  # (T, P, C)
+        count, positions = tiles.shape[:2]
+        grid = tiles.view(1, count, 1, positions * channels).permute(0, 3, 1, 2)  # (1, P C, T, 1), channels-last
+        grouped = self.packed(self.conv.weight, lambda w: _grouped_winograd_weight(w, self.tile),
+                              slot="grouped")  # in float64: once
         weight = self.packed(self.conv.weight, lambda _: torch.ops.mkldnn._reorder_convolution_weight(
-            grouped, [0, 0], [1, 1], [1, 1], 16, list(grid.shape)), shape=grid.shape)
-        products = _CONVOLUTION(grid, weight, None, [0, 0], [1, 1], [1, 1], 16, "none", [], "")
-        products = products.permute(0, 2, 3, 1).reshape(tiles.shape[0], 16, -1)  # (T, 16, K): a view
-        return torch.ops.sparse_detr_C.winograd_output_tiles(products, bias, self.relu, [batch, height, width])
+            grouped, [0, 0], [1, 1], [1, 1], positions, list(grid.shape)), shape=grid.shape)
+        products = _CONVOLUTION(grid, weight, None, [0, 0], [1, 1], [1, 1], positions, "none", [], "")
+        products = products.permute(0, 2, 3, 1).reshape(count, positions, -1)  # (T, P, K): a view
+        return torch.ops.sparse_detr_C.winograd_output_tiles(products, bias, self.relu, [batch, height, width],
+                                                             self.tile)
 
 
-def _grouped_winograd_weight(weight: Tensor) -> Tensor:
-    """(K, C, 3, 3) -> (16 K, C, 1, 1): the transformed weight of each tile position as a group of a 1x1 convolution."""
-    transformed = winograd_weight(weight)  # (16, C, K)
-    return transformed.transpose(1, 2).reshape(16 * weight.shape[0], weight.shape[1], 1, 1).contiguous()
+def _grouped_winograd_weight(weight: Tensor, tile: int) -> Tensor:
+    """(K, C, 3, 3) -> (P K, C, 1, 1): the transformed weight of each tile position as a group of a 1x1
+    convolution."""
+    transformed = winograd_weight(weight, tile)  # (P, C, K)
+    return transformed.transpose(1, 2).reshape(-1, weight.shape[1], 1, 1).contiguous()
 
 
 def max_pool_available() -> bool:
@@ -260,17 +298,18 @@ class _FusedBlock(nn.Module):
     """A BottleneckBlock (three convolutions) or BasicBlock (two): the last one adds the shortcut and applies
     the ReLU as post-ops."""
 
-    def __init__(self, block: nn.Module, input_is_private: bool = False, winograd: Optional[str] = None):
+    def __init__(self, block: nn.Module, input_is_private: bool = False, winograd: Optional[str] = None,
+                 winograd_tile: int = 4):
         """``input_is_private``: the block's input is a tensor only this block reads (the previous block's output
         within a stage), so an identity shortcut may be overwritten by the sum; a projection shortcut's output
         always is. ``winograd`` ("mkl" or "onednn", the library of its products): inner 3x3 convolutions that
-        qualify run as :class:`WinogradConv`."""
+        qualify for ``winograd_tile`` run as :class:`WinogradConv` of that tile."""
         super().__init__()
         names = ["conv1", "conv2", "conv3"] if isinstance(block, BottleneckBlock) else ["conv1", "conv2"]
         convs = [getattr(block, name) for name in names]
-        self.inner = nn.ModuleList(WinogradConv(conv, relu=True, products=winograd)
-                                   if winograd and _winograd_fusable(conv) else FusedConv(conv, relu=True)
-                                   for conv in convs[:-1])
+        self.inner = nn.ModuleList(WinogradConv(conv, relu=True, products=winograd, tile=winograd_tile)
+                                   if winograd and _winograd_fusable(conv, winograd_tile)
+                                   else FusedConv(conv, relu=True) for conv in convs[:-1])
         self.last = FusedConv(convs[-1], relu=True)
         self.shortcut = None if block.shortcut is None else FusedConv(block.shortcut, relu=False)
         self.in_channels, self.out_channels, self.stride = block.in_channels, block.out_channels, block.stride
@@ -298,7 +337,8 @@ def _block_fusable(block: nn.Module) -> bool:
 def fuse_resnet(backbone: nn.Module, winograd: bool = False) -> int:
     """Fuse the stem and every block of a folded Detectron2 ``ResNet`` on the CPU, in place; with ``winograd``
     (float32 weights), the blocks' 3x3 convolutions that qualify run as :class:`WinogradConv` when
-    ``sparse_detr._C`` has it, their products in :func:`float32_matmul_library`.
+    ``sparse_detr._C`` has it, of the tile :func:`winograd_tile` names, their products in
+    :func:`float32_matmul_library`.
 
     Returns the number of convolutions fused; 0 (and ``backbone`` unchanged) when it is not such a ResNet, when
     a convolution still has a norm (GroupNorm is not folded) or an activation, when it is not on the CPU, or
@@ -315,10 +355,11 @@ def fuse_resnet(backbone: nn.Module, winograd: bool = False) -> int:
     backbone.stem = _FusedStem(backbone.stem)
     fused = 1
     products = float32_matmul_library() if winograd and winograd_available() else None
+    tile = winograd_tile() if products else None
     for stage in backbone.stages:
         for index, block in enumerate(stage):
             # the first block's input is the stem's or a stage's output (a feature the ResNet may return)
-            stage[index] = _FusedBlock(block, input_is_private=index > 0, winograd=products)
+            stage[index] = _FusedBlock(block, input_is_private=index > 0, winograd=products, winograd_tile=tile)
             fused += len(stage[index].inner) + 1 + (stage[index].shortcut is not None)
     return fused
 

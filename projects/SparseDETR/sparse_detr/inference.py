@@ -6,7 +6,8 @@ same detections faster; the model itself (its modules, state dict and checkpoint
 * batch norms (frozen, or in eval mode) are folded into the convolutions before them;
 * the convolutional backbone runs channels-last; on the CPU a folded ResNet's convolutions apply their ReLU
   and residual addition as oneDNN post-ops (:mod:`sparse_detr.fusion`) instead of separate passes, and in
-  float32 its blocks' 3x3 convolutions of 128 channels or more run by Winograd's F(2x2, 3x3);
+  float32 its blocks' 3x3 convolutions of 64 channels or more run by Winograd's F(4x4, 3x3)
+  (``SPARSE_DETR_WINOGRAD_TILE=2``: F(2x2, 3x3) from 128 channels, :func:`~sparse_detr.fusion.winograd_tile`);
 * the input projections' convolutions and the transformer's linear layers (in float32 on Intel's CPUs only over
   8,192 rows or more, a large image's tokens; on other x86 CPUs, where MKL is slow, at any size:
   :func:`~sparse_detr.fusion.float32_matmul_library`) keep their weights in oneDNN's layout and add their bias in
@@ -247,9 +248,10 @@ class FastInferenceModel(nn.Module):
             fused += pack_linears(self.model.transformer)
         super().train(False)
         winograd = [m for m in self.model.modules() if isinstance(m, WinogradConv)]
+        how = f" F({winograd[0].tile}x{winograd[0].tile}, 3x3) with {winograd[0].products} products" if winograd else ""
         logger.info("fast inference: %d batch norms folded, %d convolutions fused (the backbone's with their ReLU and "
-                    "residual; %d of them by Winograd F(2x2, 3x3)%s, the others by oneDNN with packed weights), %s",
-                    folded, fused, len(winograd), f" with {winograd[0].products} products" if winograd else "", dtype)
+                    "residual; %d of them by Winograd%s, the others by oneDNN with packed weights), %s",
+                    folded, fused, len(winograd), how, dtype)
 
     @property
     def device(self) -> torch.device:

@@ -2,8 +2,9 @@
 
 Side A and side B are the config file with the common overrides, then their own (``KEY VALUE ...``); a side's
 ``MS_DEFORM_ATTN auto|pytorch|compiled`` is not a config key but the deformable attention it runs
-(:data:`ATTENTION_KEY`), and its ``FLOAT32_MATMUL auto|mkl|onednn`` where its fast path's float32 matrix products
-run (:data:`MATMUL_KEY`). Both
+(:data:`ATTENTION_KEY`), its ``FLOAT32_MATMUL auto|mkl|onednn`` where its fast path's float32 matrix products
+run (:data:`MATMUL_KEY`), and its ``WINOGRAD_TILE 4|2`` the tile of its fast path's float32 Winograd convolutions
+(:data:`WINOGRAD_KEY`). Both
 sides are built before anything is timed, from the same seed (the same random weights where their parameters
 agree), and take the same inputs. Each is warmed up (the warm-up runs of A, then those of B); then they take
 turns, A, B, A, B, ..., so that a busy spell of a shared machine slows both alike. The step timed is one of:
@@ -44,7 +45,7 @@ from detectron2.utils.events import EventStorage
 from ..dataset_mapper import ResizeToMultiple
 from ..engine import MixedPrecisionTrainer, channels_last_backbone, stream_seed
 from ..allocator import CHOICES as MALLOC_CHOICES
-from ..fusion import FLOAT32_MATMUL_CHOICES, FLOAT32_MATMUL_ENV
+from ..fusion import FLOAT32_MATMUL_CHOICES, FLOAT32_MATMUL_ENV, WINOGRAD_TILE_ENV, WINOGRAD_TILES
 from ..inference import cpu_description
 from ..layers.ms_deform_attn import IMPLEMENTATIONS, use_implementation
 from ..solver import build_optimizer
@@ -52,7 +53,7 @@ from .models import build_benchmark_model, device_name, evaluation_path, random_
 from .tables import cpu_line
 from .timing import Timing, image_batch, precision, take_turns
 
-__all__ = ["ATTENTION_KEY", "MALLOC_KEY", "MATMUL_KEY", "SIZES", "STEPS", "Ratio", "Run", "Side", "ab_benchmark",
+__all__ = ["ATTENTION_KEY", "MALLOC_KEY", "MATMUL_KEY", "WINOGRAD_KEY", "SIZES", "STEPS", "Ratio", "Run", "Side", "ab_benchmark",
            "ab_ratio", "ab_runs", "ab_table", "build_side", "inference_batches", "parse_overrides", "side_keys",
            "training_batch", "training_batches", "turn_image_sizes"]
 
@@ -74,12 +75,16 @@ MALLOC_KEY = "MALLOC"
 # Nor is a side's ``FLOAT32_MATMUL auto|mkl|onednn``: $SPARSE_DETR_FLOAT32_MATMUL while its evaluation path is built
 # (sparse_detr.fusion.float32_matmul_library), e.g. MKL against oneDNN on the same machine.
 MATMUL_KEY = "FLOAT32_MATMUL"
-_SIDE_KEYS = (ATTENTION_KEY, MALLOC_KEY, MATMUL_KEY)
+# And a side's ``WINOGRAD_TILE 4|2``: $SPARSE_DETR_WINOGRAD_TILE while its evaluation path is built
+# (sparse_detr.fusion.winograd_tile), e.g. F(4x4, 3x3) against F(2x2, 3x3).
+WINOGRAD_KEY = "WINOGRAD_TILE"
+_WINOGRAD_CHOICES = tuple(str(tile) for tile in sorted(WINOGRAD_TILES, reverse=True))
+_SIDE_KEYS = (ATTENTION_KEY, MALLOC_KEY, MATMUL_KEY, WINOGRAD_KEY)
 
 
 def side_keys(label: str, text: str, in_own_process: bool = False) -> Tuple[Dict[str, str], List[str]]:
-    """A side's overrides split into its side keys (:data:`ATTENTION_KEY`, :data:`MALLOC_KEY`, :data:`MATMUL_KEY`)
-    by name, checked, and its config overrides; a ValueError naming the side for a bad value or a key the run cannot
+    """A side's overrides split into its side keys (:data:`ATTENTION_KEY`, :data:`MALLOC_KEY`, :data:`MATMUL_KEY`,
+    :data:`WINOGRAD_KEY`) by name, checked, and its config overrides; a ValueError naming the side for a bad value or a key the run cannot
     honour."""
     items = parse_overrides(label, text)
     pairs = list(zip(items[0::2], items[1::2]))
@@ -93,6 +98,8 @@ def side_keys(label: str, text: str, in_own_process: bool = False) -> Tuple[Dict
             raise ValueError(f"{MALLOC_KEY} is one of {', '.join(MALLOC_CHOICES)}, got {keys[MALLOC_KEY]!r}")
         if keys.get(MATMUL_KEY, FLOAT32_MATMUL_CHOICES[0]) not in FLOAT32_MATMUL_CHOICES:
             raise ValueError(f"{MATMUL_KEY} is one of {', '.join(FLOAT32_MATMUL_CHOICES)}, got {keys[MATMUL_KEY]!r}")
+        if keys.get(WINOGRAD_KEY, _WINOGRAD_CHOICES[0]) not in _WINOGRAD_CHOICES:
+            raise ValueError(f"{WINOGRAD_KEY} is one of {', '.join(_WINOGRAD_CHOICES)}, got {keys[WINOGRAD_KEY]!r}")
     return keys, [item for key, value in pairs if key not in keys for item in (key, value)]
 
 
@@ -105,6 +112,12 @@ class Side(NamedTuple):
     model: torch.nn.Module
     attention: Optional[str] = None  # the side's ATTENTION_KEY value, None for the environment's choice
     matmul: Optional[str] = None  # the side's MATMUL_KEY value, None for the environment's choice
+    winograd_tile: Optional[str] = None  # the side's WINOGRAD_KEY value, None for the environment's choice
+
+    def build_environment(self) -> Dict[str, str]:
+        """The environment variables its side keys set while its evaluation path is built."""
+        named = ((FLOAT32_MATMUL_ENV, self.matmul), (WINOGRAD_TILE_ENV, self.winograd_tile))
+        return {name: value for name, value in named if value is not None}
 
 
 class Run(NamedTuple):
@@ -151,7 +164,8 @@ def build_side(config_file: Path, opts: Sequence[str], label: str, text: str, nu
     with _naming_the_side(label, text):
         torch.manual_seed(seed)
         cfg, model = build_benchmark_model(config_file, [*opts, *config_overrides], num_classes)
-    return Side(label, parse_overrides(label, text), cfg, model, keys.get(ATTENTION_KEY), keys.get(MATMUL_KEY))
+    return Side(label, parse_overrides(label, text), cfg, model, keys.get(ATTENTION_KEY), keys.get(MATMUL_KEY),
+                keys.get(WINOGRAD_KEY))
 
 
 def _with_attention(side: Side, run: Run) -> Run:
@@ -191,10 +205,14 @@ def training_batch(image_size: Tuple[int, int], batch_size: int, num_classes: in
 
 
 def _inference_run(side: Side, loader: Iterator[List[Dict]], device: torch.device) -> Run:
-    building = nullcontext() if side.matmul is None else mock.patch.dict(os.environ, {FLOAT32_MATMUL_ENV: side.matmul})
-    with building:  # read while the fast path is built, restored after
-        path = evaluation_path(side.cfg, side.model.to(device), device)
-    label = path.label if side.matmul is None else f"{path.label}, float32 products: {side.matmul}"
+    environment = side.build_environment()
+    with mock.patch.dict(os.environ, environment) if environment else nullcontext():  # read while the fast path is
+        path = evaluation_path(side.cfg, side.model.to(device), device)                # built, restored after
+    label = path.label
+    if side.matmul is not None:
+        label += f", float32 products: {side.matmul}"
+    if side.winograd_tile is not None:
+        label += f", Winograd tile: {side.winograd_tile}"
     return Run(lambda: path.module(next(loader)), label, path.module)
 
 
