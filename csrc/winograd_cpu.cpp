@@ -24,8 +24,8 @@
 // Accuracy: F(2x2, 3x3) rounds within a few times the direct convolution's float32 error (its transforms add at
 // most three terms of coefficient 1); one F(4x4, 3x3) convolution alone rounds 20-40x worse than the direct one
 // (its coefficients reach 5 and 8), but through ResNet-50 (whose residual sums and 1x1 convolutions carry most of
-// each feature) the fast path's features end within 1.2x of F(2x2, 3x3)'s distance to float64, within 2x the plain
-// float32 model's own (tests/test_winograd.py measures both).
+// each feature) the fast path's features end as near float64 as with oneDNN's direct convolutions (within 1.5x,
+// tests/test_winograd.py; 1.2x F(2x2, 3x3)'s distance).
 //
 // The transforms (winograd_loops.h) run over tiles under at::parallel_for, 16 channels at a time in one vector of
 // this machine's instruction set (the max pool's scheme, see max_pool_cpu.cpp). winograd_conv3x3 takes the products
