@@ -101,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time encoder and total inference against the input's shorter side, write a PNG")
     parser.add_argument("--ab", nargs=2, metavar=("A", "B"), default=None,
                         help="time two configurations of the --config-file in the same run, turns interleaved: "
-                             "each a quoted string of KEY VALUE overrides (\"\" for none); the side key "
-                             "MS_DEFORM_ATTN auto|pytorch|compiled picks that side's deformable attention")
+                             "each a quoted string of KEY VALUE overrides (\"\" for none); the side keys "
+                             "MS_DEFORM_ATTN auto|pytorch|compiled pick that side's deformable attention, "
+                             "FLOAT32_MATMUL auto|mkl|onednn where its float32 products run, WINOGRAD_TILE 4|2 "
+                             "its Winograd convolutions' tile")
     parser.add_argument("--ab-processes", action="store_true",
                         help="--ab inference with each side in its own process, turns interleaved; a side's key "
                              "MALLOC keep|default sets its $SPARSE_DETR_MALLOC (the authors' code as it runs: "
