@@ -154,6 +154,7 @@ def test_bfloat16_inference_casts_the_memory_once(config_name, tiny_model, make_
     memory again in each layer. With autograd (training) the layers keep their own casts."""
     model = tiny_model(config_name, dtype=torch.float32)
     fast = FastInferenceModel(model, torch.bfloat16)
+    fast.model.transformer.project_values_after_sampling = False  # (without AMX its decoder may sample first)
     inputs = make_batch(dict(height=64, width=96), dict(height=48, width=80), seed=4)
     seen = {}
     def recorder(name):
@@ -213,10 +214,12 @@ def test_folded_point_locations_equal_reference_plus_scaled_offsets(levels):
 
 
 @pytest.mark.parametrize("references", [2, 4], ids=["points", "boxes"])
-def test_sampling_unprojected_values_equals_projecting_first(references):
-    """MSDeformAttn given UnprojectedValues samples the tokens and projects the samples: the same output as
-    projecting every token and zeroing the padded ones (float64, 1e-10), with padded tokens and sampling points
-    beyond the maps' edges (whose taps outside read zeros: the bias enters with the in-map taps' weight only)."""
+@pytest.mark.parametrize("levels", [None, 0, 1, 2, 3])
+def test_sampling_unprojected_values_equals_projecting_first(references, levels):
+    """MSDeformAttn given UnprojectedValues samples the tokens of its first ``levels`` levels (all: None) and
+    projects the samples, projecting the other levels' tokens first: the same output as projecting every token and
+    zeroing the padded ones (float64, 1e-10), with padded tokens and sampling points beyond the maps' edges (whose
+    taps outside read zeros: the bias enters with the in-map taps' weight only)."""
     torch.manual_seed(0)
     attn = MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=2).double()
     with torch.no_grad():
@@ -232,7 +235,7 @@ def test_sampling_unprojected_values_equals_projecting_first(references):
     with torch.no_grad():
         for mask in (None, padding):
             expected = attn(query, reference, value, shapes, starts, mask)
-            actual = attn(query, reference, UnprojectedValues.of(value, mask), shapes, starts, mask)
+            actual = attn(query, reference, UnprojectedValues.of(value, mask, levels), shapes, starts, mask)
             assert actual.sampling_locations.abs().max() > 1  # some points outside the maps
             torch.testing.assert_close(actual.output, expected.output, rtol=1e-10, atol=1e-10)
             assert torch.equal(actual.sampling_locations, expected.sampling_locations)
@@ -240,13 +243,16 @@ def test_sampling_unprojected_values_equals_projecting_first(references):
 
 def test_decoder_samples_first_where_that_costs_less(tiny_model, make_batch, monkeypatch):
     """The fast path's float32 decoder samples the memory first when the rule says it costs less (at 800x1199:
-    300 queries, 20k tokens; not the sparse encoder's 2,000 queries), and still gives the plain detections
+    300 queries sample all 4 levels first, the sparse encoder's 2,000 the first 2; 300 queries on a small image
+    and every token as a query (Deformable DETR's encoder) project first), and still gives the plain detections
     (scores within 1e-5) on a padded pair; the bf16 path projects first where the CPU has AMX, samples first where
     it does not."""
     paper = SparseDeformableTransformer(num_classes=91, rho=0.1, two_stage=True)  # the paper's dimensions
-    assert paper._cheaper_after_sampling(300, 19947)  # the decoder at 800x1199
-    assert not paper._cheaper_after_sampling(1995, 19947)  # the sparse encoder's kept tokens
-    assert not paper._cheaper_after_sampling(300, 1000)  # a small image
+    levels = [(100, 150), (50, 75), (25, 38), (13, 19)]  # 800x1199
+    assert paper._levels_sampled_first(300, levels) == 4  # the decoder
+    assert paper._levels_sampled_first(1995, levels) == 2  # the sparse encoder's kept tokens (rho 0.1)
+    assert paper._levels_sampled_first(19947, levels) == 0  # every token
+    assert paper._levels_sampled_first(300, [(25, 38), (13, 19), (7, 10), (4, 5)]) == 0  # a small image
     model = randomise_norms(tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32))
     transformer = model.transformer
     fast = FastInferenceModel(model, torch.float32)
@@ -266,6 +272,32 @@ def test_decoder_samples_first_where_that_costs_less(tiny_model, make_batch, mon
     actual = fast(inputs)
     assert len(calls) == len(transformer.decoder.layers)
     assert_same_detections(expected, actual)
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_float32_sparse_encoder_samples_its_largest_levels_first(tiny_model, make_batch, monkeypatch, levels):
+    """On an unpadded image the float32 fast path's sparse encoder samples the first levels the rule names before
+    projecting (its memory itself, updated in place by each layer: no copy goes stale) and projects the others'
+    tokens: the plain detections (scores within 1e-5); padded batches and bf16 project first."""
+    model = randomise_norms(tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32))
+    transformer = model.transformer
+    monkeypatch.setattr(type(transformer), "_levels_sampled_first", lambda self, queries, shapes: levels)
+    seen = []
+    sample_levels_first = MSDeformAttn._sample_levels_first
+    monkeypatch.setattr(MSDeformAttn, "_sample_levels_first",
+                        lambda self, value, *args: seen.append(value.levels) or sample_levels_first(self, value, *args))
+    encoder, decoder = len(transformer.encoder.layers), len(transformer.decoder.layers)
+    for batch, split in ((BATCHES[0], True), (BATCHES[1], False)):
+        inputs = make_batch(*batch, seed=4)
+        with torch.no_grad():
+            expected = model(inputs)
+        seen.clear()
+        assert_same_detections(expected, FastInferenceModel(model, torch.float32)(inputs))
+        assert seen == [levels] * (encoder * split + decoder)
+    seen.clear()
+    monkeypatch.setattr(inference, "has_amx", lambda: False)  # bf16 samples first in the decoder only
+    FastInferenceModel(model, torch.bfloat16)(make_batch(*BATCHES[0], seed=4))
+    assert seen == [levels] * decoder
 
 
 def test_fast_sparse_encoder_reports_kept_tokens_best_first(tiny_model, make_batch):

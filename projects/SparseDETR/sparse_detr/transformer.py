@@ -9,7 +9,7 @@ takes their content).
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -296,19 +296,34 @@ class SparseDeformableTransformer(nn.Module):
         # where() rather than masked_fill(): the same values, 2x faster with the mask broadcast over channels
         return self.enc_output_norm(self.enc_output(torch.where(valid[..., None], tokens, 0.0)))
 
-    def _cheaper_after_sampling(self, num_queries: int, num_tokens: int) -> bool:
-        """Whether sampling the memory first costs less than projecting it. Per channel and image: Lq * C + Lq * M *
-        L * P * 4 * TAP_COST multiply-adds against S * C + Lq * L * P * 4 * TAP_COST, a bilinear tap of one channel
-        counted as TAP_COST multiply-adds of a matrix multiplication (float32 on the 2-core Xeon, two threads:
-        sampling 256 channels for 2,400 (query, head) pairs at random locations took 6.3 ms, projecting 20k tokens
-        17.3 ms, 12 to 1; at the decoder's own locations 7 to 1). At 800x1199 the decoder's 300 queries sample
-        first and the sparse encoder's 2,000 project first; on a small image (1k tokens) 300 queries project first,
-        the demo config's 30 sample first."""
+    def _levels_sampled_first(self, num_queries: int, level_shapes: Sequence[Tuple[int, int]]) -> int:
+        """How many levels, from the first (the largest), an attention of ``num_queries`` queries samples before
+        projecting: the number that costs the fewest multiply-adds. Per channel and image, sampling level l first
+        costs Lq * M * P * 4 * TAP_COST (each head samples all C channels) where projecting its S_l tokens first
+        costs S_l * C + Lq * P * 4 * TAP_COST; projecting the samples of the levels sampled first costs Lq * C, and
+        projecting some levels while sampling others first SPLIT_COST more (a second projection and attention
+        call). At 800x1199 the decoder's 300 queries sample every level first and the sparse encoder's 2,000 the
+        first two (18,750 of the 19,947 tokens); on a small image (1k tokens) 300 queries project first."""
         attn = self.decoder.layers[0].cross_attn
-        taps = num_queries * attn.n_levels * attn.n_points * 4 * self.TAP_COST
-        return num_queries * self.d_model + taps * attn.n_heads < num_tokens * self.d_model + taps
+        taps = num_queries * attn.n_points * 4 * self.TAP_COST  # of one level, one channel
+        projected = [h * w * self.d_model + taps for h, w in level_shapes]
+        best, best_cost = 0, sum(projected)
+        for first in range(1, len(level_shapes) + 1):
+            cost = (num_queries * self.d_model + first * taps * attn.n_heads + sum(projected[first:])
+                    + (self.SPLIT_COST if first < len(level_shapes) else 0))
+            if cost < best_cost:
+                best, best_cost = first, cost
+        return best
 
-    TAP_COST = 12
+    # A bilinear tap of one channel in multiply-adds of a matrix multiplication, and the fixed cost of projecting
+    # some levels and sampling others first, per channel: float32 on the 2-core AMD EPYC (Zen 4), two threads, one
+    # attention of 256 channels, 8 heads, 4 levels of 4 points at 800x1199 (19,947 tokens) with the sampling
+    # first for its first 0 / 1 / 2 / 3 / 4 levels: 300 queries 18.2 / 8.5 / 5.7 / 4.7 / 4.2 ms, 2,000 queries
+    # 28.7 / 20.2 / 19.6 / 21.6 / 26.1 ms (projection by MKL, 18 ms for all the tokens; the fast path's oneDNN
+    # projection takes 13.6). (Round 7's estimate on the 2-core Xeon, before the kernel sampled 256 channels 128 at
+    # a time, was 12 multiply-adds a tap.)
+    TAP_COST = 4
+    SPLIT_COST = 150_000
 
     # ---- forward ------------------------------------------------------------------------------------
 
@@ -400,9 +415,17 @@ class SparseDeformableTransformer(nn.Module):
             # rows of the (N * S, C) copy: index_copy_ moves k rows an image, where an in-place scatter with the
             # expanded index copied all S rows twice (at 800x1199, 18 ms of 6 layers' 20k x 256 tokens)
             memory = memory.clone(memory_format=torch.contiguous_format)
-        values = self._shared_values(memory)
+        values = attended = self._shared_values(memory)
+        if (in_place and self.project_values_after_sampling and flat.value_mask is None
+                and values.dtype == torch.float32):
+            # the largest levels sampled before projecting where that costs less (float32: in bf16 the projection
+            # runs at twice the rate, and sampling the encoder's level 0 first gained nothing measurable); the
+            # values are the memory itself, updated in place below (nothing padded, so nothing to zero)
+            first = self._levels_sampled_first(k, flat.level_shapes)
+            if first > 0:
+                attended = UnprojectedValues.of(values, None, first)
         for lid, layer in enumerate(self.encoder.layers):
-            query, _ = layer(query, query_pos, query_ref, values, *attn_args)
+            query, _ = layer(query, query_pos, query_ref, attended, *attn_args)
             if in_place and all_written_back:  # (one image, or equal n_i): no old rows to keep
                 update = query
             else:
@@ -413,7 +436,7 @@ class SparseDeformableTransformer(nn.Module):
                 if values is not memory:
                     values.view(-1, values.shape[-1]).index_copy_(0, rows, update.to(values.dtype))
             else:
-                memory = values = memory.scatter(1, index, update)
+                memory = values = attended = memory.scatter(1, index, update)
             if auxiliary and lid < self.num_encoder_layers - 1:
                 class_head, box_head = self._head(self.num_decoder_layers + 1 + lid)
                 out.enc_aux_logits.append(class_head(query))
@@ -463,9 +486,10 @@ class SparseDeformableTransformer(nn.Module):
         """``values``: what the cross-attentions' value projections read (the memory, or its copy of
         :meth:`_shared_values`)."""
         locations, weights = [], []
-        if self.project_values_after_sampling and not torch.is_grad_enabled() and self._cheaper_after_sampling(
-                tgt.shape[1], memory.shape[1]):
-            values = UnprojectedValues.of(memory, flat.value_mask)
+        if self.project_values_after_sampling and not torch.is_grad_enabled():
+            first = self._levels_sampled_first(tgt.shape[1], flat.level_shapes)
+            if first > 0:
+                values = UnprojectedValues.of(memory, flat.value_mask, first)
         for lid, layer in enumerate(self.decoder.layers):
             ratios = flat.valid_ratios if reference.shape[-1] == 2 else torch.cat([flat.valid_ratios] * 2, -1)
             tgt, attn = layer(tgt, query_pos, reference[:, :, None] * ratios[:, None], values, flat.spatial_shapes,

@@ -441,17 +441,22 @@ class DeformableAttentionOutput(NamedTuple):
 
 class UnprojectedValues(NamedTuple):
     """An attention's values before its ``value_proj``, for :class:`MSDeformAttn` to sample first and project the
-    samples (inference; see :meth:`MSDeformAttn.forward`)."""
+    samples (inference; see :meth:`MSDeformAttn.forward`): those of the first ``levels`` levels (every level when
+    None), the other levels' tokens projected first, as without them."""
     tokens: Tensor  # (N, S, C), zero at padded tokens
     valid: Tensor  # (N, S, 1), 1 at unpadded tokens and 0 at padded ones, in the tokens' dtype
+    levels: Optional[int] = None  # the levels (from the first) sampled first; None: all
+    padding_mask: Optional[Tensor] = None  # (N, S), True at padded tokens; None when nothing is padded
 
     @classmethod
-    def of(cls, tokens: Tensor, padding_mask: Optional[Tensor] = None) -> "UnprojectedValues":
-        """``padding_mask``: (N, S), True at padded tokens; None when nothing is padded."""
+    def of(cls, tokens: Tensor, padding_mask: Optional[Tensor] = None,
+           levels: Optional[int] = None) -> "UnprojectedValues":
+        """``padding_mask``: (N, S), True at padded tokens; None when nothing is padded (``tokens`` is then taken
+        as it is, not copied: an update of it in place reaches the attention)."""
         if padding_mask is None:
-            return cls(tokens, tokens.new_ones((*tokens.shape[:2], 1)))
+            return cls(tokens, tokens.new_ones((*tokens.shape[:2], 1)), levels)
         valid = ~padding_mask[..., None]
-        return cls(torch.where(valid, tokens, 0.0), valid.to(tokens.dtype))
+        return cls(torch.where(valid, tokens, 0.0), valid.to(tokens.dtype), levels, padding_mask)
 
 
 class MSDeformAttn(nn.Module):
@@ -518,7 +523,7 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(n, num_queries, m, num_levels * points)
         weights = weights.softmax(-1).view(n, num_queries, m, num_levels, points)
         if isinstance(value, UnprojectedValues):
-            sampled = self._sample_then_project(value, spatial_shapes, level_start_index, locations, weights)
+            sampled = self._sample_levels_first(value, spatial_shapes, level_start_index, locations, weights)
         else:
             values = self.value_proj(value)
             if padding_mask is not None:
@@ -533,6 +538,30 @@ class MSDeformAttn(nn.Module):
     # map) and W_m, b_m head m's rows of value_proj: the S x C x C projection of every token becomes one of
     # M x C channels per query and head, plus sampling C + 1 channels for each head instead of C / M. At 800x1199,
     # 300 queries against 20k tokens: 1.31 G multiply-adds become 20 M and 16 M bilinear taps.
+    # Only some levels may pay for it: sampling C channels instead of C / M costs per query and head, projecting per
+    # token, and the first levels are the largest (at 800x1199 the sparse encoder's 2,000 queries against level 0's
+    # 15,000 tokens; see SparseDeformableTransformer._levels_sampled_first). The levels after value.levels are
+    # projected and sampled as without UnprojectedValues, and the two parts summed.
+    def _sample_levels_first(self, value: UnprojectedValues, spatial_shapes: Tensor, level_start_index: Tensor,
+                             locations: Tensor, weights: Tensor) -> Tensor:
+        num_levels = spatial_shapes.shape[0]
+        first = num_levels if value.levels is None else min(value.levels, num_levels)
+        if first == num_levels:
+            return self._sample_then_project(value, spatial_shapes, level_start_index, locations, weights)
+        split = int(level_start_index[first])  # the tokens of the levels sampled first: [0, split)
+        n, num_tokens, channels = value.tokens.shape
+        projected = self.value_proj(value.tokens[:, split:])
+        if value.padding_mask is not None:
+            projected = torch.where(value.padding_mask[:, split:, None], 0.0, projected)
+        projected = projected.view(n, num_tokens - split, self.n_heads, channels // self.n_heads)
+        sampled = multi_scale_deformable_attention(projected, spatial_shapes[first:], level_start_index[first:] - split,
+                                                   locations[:, :, :, first:], weights[:, :, :, first:])
+        if first == 0:
+            return sampled
+        # the kernel reads the levels' rows only: the tokens after them need no copy
+        return sampled + self._sample_then_project(value, spatial_shapes[:first], level_start_index[:first],
+                                                   locations[:, :, :, :first], weights[:, :, :, :first]).to(sampled.dtype)
+
     def _sample_then_project(self, value: UnprojectedValues, spatial_shapes: Tensor, level_start_index: Tensor,
                              locations: Tensor, weights: Tensor) -> Tensor:
         n, num_queries, m, num_levels, points, _ = locations.shape
