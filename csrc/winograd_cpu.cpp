@@ -118,12 +118,16 @@ void transform_input(const at::Tensor& input, const Geometry& g, float* v, const
   });
 }
 
+// The (N, K, H, W) output of the input `g` describes, channels-last, uninitialised.
+at::Tensor empty_output(const Geometry& g, int64_t out_channels, const at::TensorOptions& options) {
+  return at::empty({g.batch, out_channels, g.height, g.width}, options.memory_format(at::MemoryFormat::ChannelsLast));
+}
+
 // relu?(A^T M A + bias) of every tile, from `m` laid out as `layout` says, as a channels-last (N, K, H, W) tensor.
 at::Tensor transform_output(const float* m, const Layout& layout, const at::Tensor& bias, bool relu,
                             const Geometry& g, const at::TensorOptions& options) {
   const int64_t out_channels = bias.size(0);
-  at::Tensor output = at::empty({g.batch, out_channels, g.height, g.width},
-                                options.memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor output = empty_output(g, out_channels, options);
   const at::Tensor b = bias.contiguous();
   const OutputLoop output_loop = loops(g.tile).second;
   at::parallel_for(0, g.tiles(), kTileGrain, [&](int64_t begin, int64_t end) {
@@ -147,8 +151,7 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& transform
   const Geometry g =
       geometry_of(input.size(0), input.size(2), input.size(3), positions == 16 ? 2 : 4, "winograd_conv3x3");
   if (g.tiles() == 0) {
-    return at::empty({g.batch, out_channels, g.height, g.width},
-                     input.options().memory_format(at::MemoryFormat::ChannelsLast));
+    return empty_output(g, out_channels, input.options());
   }
   // position-major (P, tiles, C): the P products are one batched matrix product
   at::Tensor v = at::empty({positions, g.tiles(), channels}, input.options());
@@ -183,8 +186,7 @@ at::Tensor winograd_output_tiles(const at::Tensor& products, const at::Tensor& b
               products.device());
   check_bias(bias, products.size(2), "winograd_output_tiles");
   if (g.tiles() == 0 || products.size(2) == 0) {
-    return at::empty({g.batch, products.size(2), g.height, g.width},
-                     products.options().memory_format(at::MemoryFormat::ChannelsLast));
+    return empty_output(g, products.size(2), products.options());
   }
   return transform_output(products.data_ptr<float>(), Layout{products.stride(1), products.stride(0)}, bias, relu, g,
                           products.options());

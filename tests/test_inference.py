@@ -249,10 +249,14 @@ def test_decoder_samples_first_where_that_costs_less(tiny_model, make_batch, mon
     it does not."""
     paper = SparseDeformableTransformer(num_classes=91, rho=0.1, two_stage=True)  # the paper's dimensions
     levels = [(100, 150), (50, 75), (25, 38), (13, 19)]  # 800x1199
-    assert paper._levels_sampled_first(300, levels) == 4  # the decoder
-    assert paper._levels_sampled_first(1995, levels) == 2  # the sparse encoder's kept tokens (rho 0.1)
-    assert paper._levels_sampled_first(19947, levels) == 0  # every token
-    assert paper._levels_sampled_first(300, [(25, 38), (13, 19), (7, 10), (4, 5)]) == 0  # a small image
+    decoder, encoder = paper.decoder.layers[0].cross_attn, paper.encoder.layers[0].self_attn
+    assert paper._levels_sampled_first(decoder, 300, levels) == 4  # the decoder
+    assert paper._levels_sampled_first(encoder, 1995, levels) == 2  # the sparse encoder's kept tokens (rho 0.1)
+    assert paper._levels_sampled_first(encoder, 19947, levels) == 0  # every token
+    assert paper._levels_sampled_first(decoder, 300, [(25, 38), (13, 19), (7, 10), (4, 5)]) == 0  # a small image
+    # the taps are the given attention's: an encoder of 4x the points samples fewer levels first
+    dense = SparseDeformableTransformer(num_classes=91, rho=0.1, two_stage=True, enc_n_points=16)
+    assert paper._levels_sampled_first(dense.encoder.layers[0].self_attn, 1995, levels) < 2
     model = randomise_norms(tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32))
     transformer = model.transformer
     fast = FastInferenceModel(model, torch.float32)
@@ -281,7 +285,7 @@ def test_float32_sparse_encoder_samples_its_largest_levels_first(tiny_model, mak
     tokens: the plain detections (scores within 1e-5); padded batches and bf16 project first."""
     model = randomise_norms(tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32))
     transformer = model.transformer
-    monkeypatch.setattr(type(transformer), "_levels_sampled_first", lambda self, queries, shapes: levels)
+    monkeypatch.setattr(type(transformer), "_levels_sampled_first", lambda self, attn, queries, shapes: levels)
     seen = []
     sample_levels_first = MSDeformAttn._sample_levels_first
     monkeypatch.setattr(MSDeformAttn, "_sample_levels_first",

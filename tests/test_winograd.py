@@ -309,6 +309,6 @@ def test_fast_resnet_50_features_stay_near_float64(tiny_model, monkeypatch):
             tiles, features = fast_backbone(winograd=True)
             assert tiles == {tile}
             for name, expected in exact.items():
-                error, direct_error = ((torch.linalg.norm(f[name].double() - expected) / torch.linalg.norm(expected)).item()
-                                       for f in (features, direct))
+                error, direct_error = ((torch.linalg.norm(f[name].double() - expected)
+                                        / torch.linalg.norm(expected)).item() for f in (features, direct))
                 assert error <= 1.5 * direct_error, (tile, name, error, direct_error)

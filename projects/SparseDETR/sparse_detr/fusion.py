@@ -170,6 +170,7 @@ _WINOGRAD_G = {
 WINOGRAD_TILES = tuple(_WINOGRAD_G)
 # 4 | 2: the tile the fast path's Winograd convolutions take (read when a fast model is built; see winograd_tile)
 WINOGRAD_TILE_ENV = "SPARSE_DETR_WINOGRAD_TILE"
+WINOGRAD_TILE_CHOICES = ("4", "2")  # the default first
 # The narrowest convolution (channels in and out) Winograd pays for, by tile: below it the products are too thin,
 # and the transformed tiles too many, to pay for the transforms. F(2x2, 3x3), measured on the 2-core Xeon at
 # 800x1199 against oneDNN's direct convolution (float32, the op alone, fastest of 9 interleaved runs, 1 / 2
@@ -188,10 +189,9 @@ def winograd_tile() -> int:
     multiply-adds than the direct convolution, 1.4-1.7x faster than F(2x2, 3x3) on the 2-core AMD EPYC) or 2
     (F(2x2, 3x3): 2.25x fewer, rounded as closely as the direct convolution); ``$SPARSE_DETR_WINOGRAD_TILE``
     chooses."""
-    choice = os.environ.get(WINOGRAD_TILE_ENV, "4")
-    if choice not in [str(tile) for tile in WINOGRAD_TILES]:
-        raise ValueError(f"{WINOGRAD_TILE_ENV}={choice!r}: expected one of "
-                         f"{', '.join(str(tile) for tile in sorted(WINOGRAD_TILES, reverse=True))}")
+    choice = os.environ.get(WINOGRAD_TILE_ENV, WINOGRAD_TILE_CHOICES[0])
+    if choice not in WINOGRAD_TILE_CHOICES:
+        raise ValueError(f"{WINOGRAD_TILE_ENV}={choice!r}: expected one of {', '.join(WINOGRAD_TILE_CHOICES)}")
     return int(choice)
 
 

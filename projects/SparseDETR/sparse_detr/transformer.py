@@ -296,15 +296,15 @@ class SparseDeformableTransformer(nn.Module):
         # where() rather than masked_fill(): the same values, 2x faster with the mask broadcast over channels
         return self.enc_output_norm(self.enc_output(torch.where(valid[..., None], tokens, 0.0)))
 
-    def _levels_sampled_first(self, num_queries: int, level_shapes: Sequence[Tuple[int, int]]) -> int:
-        """How many levels, from the first (the largest), an attention of ``num_queries`` queries samples before
+    def _levels_sampled_first(self, attn: MSDeformAttn, num_queries: int, level_shapes: Sequence[Tuple[int, int]]
+                              ) -> int:
+        """How many levels, from the first (the largest), ``attn`` with ``num_queries`` queries samples before
         projecting: the number that costs the fewest multiply-adds. Per channel and image, sampling level l first
         costs Lq * M * P * 4 * TAP_COST (each head samples all C channels) where projecting its S_l tokens first
         costs S_l * C + Lq * P * 4 * TAP_COST; projecting the samples of the levels sampled first costs Lq * C, and
         projecting some levels while sampling others first SPLIT_COST more (a second projection and attention
         call). At 800x1199 the decoder's 300 queries sample every level first and the sparse encoder's 2,000 the
         first two (18,750 of the 19,947 tokens); on a small image (1k tokens) 300 queries project first."""
-        attn = self.decoder.layers[0].cross_attn
         taps = num_queries * attn.n_points * 4 * self.TAP_COST  # of one level, one channel
         projected = [h * w * self.d_model + taps for h, w in level_shapes]
         best, best_cost = 0, sum(projected)
@@ -421,7 +421,7 @@ class SparseDeformableTransformer(nn.Module):
             # the largest levels sampled before projecting where that costs less (float32: in bf16 the projection
             # runs at twice the rate, and sampling the encoder's level 0 first gained nothing measurable); the
             # values are the memory itself, updated in place below (nothing padded, so nothing to zero)
-            first = self._levels_sampled_first(k, flat.level_shapes)
+            first = self._levels_sampled_first(self.encoder.layers[0].self_attn, k, flat.level_shapes)
             if first > 0:
                 attended = UnprojectedValues.of(values, None, first)
         for lid, layer in enumerate(self.encoder.layers):
@@ -487,7 +487,7 @@ class SparseDeformableTransformer(nn.Module):
         :meth:`_shared_values`)."""
         locations, weights = [], []
         if self.project_values_after_sampling and not torch.is_grad_enabled():
-            first = self._levels_sampled_first(tgt.shape[1], flat.level_shapes)
+            first = self._levels_sampled_first(self.decoder.layers[0].cross_attn, tgt.shape[1], flat.level_shapes)
             if first > 0:
                 values = UnprojectedValues.of(memory, flat.value_mask, first)
         for lid, layer in enumerate(self.decoder.layers):

@@ -45,7 +45,7 @@ from detectron2.utils.events import EventStorage
 from ..dataset_mapper import ResizeToMultiple
 from ..engine import MixedPrecisionTrainer, channels_last_backbone, stream_seed
 from ..allocator import CHOICES as MALLOC_CHOICES
-from ..fusion import FLOAT32_MATMUL_CHOICES, FLOAT32_MATMUL_ENV, WINOGRAD_TILE_ENV, WINOGRAD_TILES
+from ..fusion import FLOAT32_MATMUL_CHOICES, FLOAT32_MATMUL_ENV, WINOGRAD_TILE_CHOICES, WINOGRAD_TILE_ENV
 from ..inference import cpu_description
 from ..layers.ms_deform_attn import IMPLEMENTATIONS, use_implementation
 from ..solver import build_optimizer
@@ -53,8 +53,8 @@ from .models import build_benchmark_model, device_name, evaluation_path, random_
 from .tables import cpu_line
 from .timing import Timing, image_batch, precision, take_turns
 
-__all__ = ["ATTENTION_KEY", "MALLOC_KEY", "MATMUL_KEY", "WINOGRAD_KEY", "SIZES", "STEPS", "Ratio", "Run", "Side", "ab_benchmark",
-           "ab_ratio", "ab_runs", "ab_table", "build_side", "inference_batches", "parse_overrides", "side_keys",
+__all__ = ["ATTENTION_KEY", "MALLOC_KEY", "MATMUL_KEY", "WINOGRAD_KEY", "SIZES", "STEPS", "Ratio", "Run", "Side",
+           "ab_benchmark", "ab_ratio", "ab_runs", "ab_table", "build_side", "inference_batches", "parse_overrides", "side_keys",
            "training_batch", "training_batches", "turn_image_sizes"]
 
 logger = logging.getLogger(__name__)
@@ -78,28 +78,26 @@ MATMUL_KEY = "FLOAT32_MATMUL"
 # And a side's ``WINOGRAD_TILE 4|2``: $SPARSE_DETR_WINOGRAD_TILE while its evaluation path is built
 # (sparse_detr.fusion.winograd_tile), e.g. F(4x4, 3x3) against F(2x2, 3x3).
 WINOGRAD_KEY = "WINOGRAD_TILE"
-_WINOGRAD_CHOICES = tuple(str(tile) for tile in sorted(WINOGRAD_TILES, reverse=True))
-_SIDE_KEYS = (ATTENTION_KEY, MALLOC_KEY, MATMUL_KEY, WINOGRAD_KEY)
+# each side key's values
+_SIDE_KEYS = {ATTENTION_KEY: IMPLEMENTATIONS, MALLOC_KEY: MALLOC_CHOICES, MATMUL_KEY: FLOAT32_MATMUL_CHOICES,
+              WINOGRAD_KEY: WINOGRAD_TILE_CHOICES}
+# the side keys that set a variable while the side's evaluation path is built: the variable, and its path's label
+_BUILD_KEYS = {MATMUL_KEY: (FLOAT32_MATMUL_ENV, "float32 products"), WINOGRAD_KEY: (WINOGRAD_TILE_ENV, "Winograd tile")}
 
 
 def side_keys(label: str, text: str, in_own_process: bool = False) -> Tuple[Dict[str, str], List[str]]:
     """A side's overrides split into its side keys (:data:`ATTENTION_KEY`, :data:`MALLOC_KEY`, :data:`MATMUL_KEY`,
-    :data:`WINOGRAD_KEY`) by name, checked, and its config overrides; a ValueError naming the side for a bad value or a key the run cannot
-    honour."""
+    :data:`WINOGRAD_KEY`) by name, checked, and its config overrides; a ValueError naming the side for a bad value
+    or a key the run cannot honour."""
     items = parse_overrides(label, text)
     pairs = list(zip(items[0::2], items[1::2]))
     keys = {key: value for key, value in pairs if key in _SIDE_KEYS}
     with _naming_the_side(label, text):
-        if keys.get(ATTENTION_KEY, IMPLEMENTATIONS[0]) not in IMPLEMENTATIONS:
-            raise ValueError(f"{ATTENTION_KEY} is one of {', '.join(IMPLEMENTATIONS)}, got {keys[ATTENTION_KEY]!r}")
         if MALLOC_KEY in keys and not in_own_process:
             raise ValueError(f"{MALLOC_KEY} is a process's setting: give --ab-processes to run each side in its own")
-        if keys.get(MALLOC_KEY, MALLOC_CHOICES[0]) not in MALLOC_CHOICES:
-            raise ValueError(f"{MALLOC_KEY} is one of {', '.join(MALLOC_CHOICES)}, got {keys[MALLOC_KEY]!r}")
-        if keys.get(MATMUL_KEY, FLOAT32_MATMUL_CHOICES[0]) not in FLOAT32_MATMUL_CHOICES:
-            raise ValueError(f"{MATMUL_KEY} is one of {', '.join(FLOAT32_MATMUL_CHOICES)}, got {keys[MATMUL_KEY]!r}")
-        if keys.get(WINOGRAD_KEY, _WINOGRAD_CHOICES[0]) not in _WINOGRAD_CHOICES:
-            raise ValueError(f"{WINOGRAD_KEY} is one of {', '.join(_WINOGRAD_CHOICES)}, got {keys[WINOGRAD_KEY]!r}")
+        for key, value in keys.items():
+            if value not in _SIDE_KEYS[key]:
+                raise ValueError(f"{key} is one of {', '.join(_SIDE_KEYS[key])}, got {value!r}")
     return keys, [item for key, value in pairs if key not in keys for item in (key, value)]
 
 
@@ -114,10 +112,10 @@ class Side(NamedTuple):
     matmul: Optional[str] = None  # the side's MATMUL_KEY value, None for the environment's choice
     winograd_tile: Optional[str] = None  # the side's WINOGRAD_KEY value, None for the environment's choice
 
-    def build_environment(self) -> Dict[str, str]:
-        """The environment variables its side keys set while its evaluation path is built."""
-        named = ((FLOAT32_MATMUL_ENV, self.matmul), (WINOGRAD_TILE_ENV, self.winograd_tile))
-        return {name: value for name, value in named if value is not None}
+    def build_keys(self) -> Dict[str, str]:
+        """Its side keys of :data:`_BUILD_KEYS` that it sets, with their values."""
+        given = {MATMUL_KEY: self.matmul, WINOGRAD_KEY: self.winograd_tile}
+        return {key: value for key, value in given.items() if value is not None}
 
 
 class Run(NamedTuple):
@@ -205,14 +203,11 @@ def training_batch(image_size: Tuple[int, int], batch_size: int, num_classes: in
 
 
 def _inference_run(side: Side, loader: Iterator[List[Dict]], device: torch.device) -> Run:
-    environment = side.build_environment()
+    keys = side.build_keys()
+    environment = {_BUILD_KEYS[key][0]: value for key, value in keys.items()}
     with mock.patch.dict(os.environ, environment) if environment else nullcontext():  # read while the fast path is
         path = evaluation_path(side.cfg, side.model.to(device), device)                # built, restored after
-    label = path.label
-    if side.matmul is not None:
-        label += f", float32 products: {side.matmul}"
-    if side.winograd_tile is not None:
-        label += f", Winograd tile: {side.winograd_tile}"
+    label = ", ".join([path.label, *(f"{_BUILD_KEYS[key][1]}: {value}" for key, value in keys.items())])
     return Run(lambda: path.module(next(loader)), label, path.module)
 
 

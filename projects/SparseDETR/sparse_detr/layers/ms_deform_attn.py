@@ -559,8 +559,9 @@ class MSDeformAttn(nn.Module):
         if first == 0:
             return sampled
         # the kernel reads the levels' rows only: the tokens after them need no copy
-        return sampled + self._sample_then_project(value, spatial_shapes[:first], level_start_index[:first],
-                                                   locations[:, :, :, :first], weights[:, :, :, :first]).to(sampled.dtype)
+        sampled_first = self._sample_then_project(value, spatial_shapes[:first], level_start_index[:first],
+                                                  locations[:, :, :, :first], weights[:, :, :, :first])
+        return sampled + sampled_first.to(sampled.dtype)
 
     def _sample_then_project(self, value: UnprojectedValues, spatial_shapes: Tensor, level_start_index: Tensor,
                              locations: Tensor, weights: Tensor) -> Tensor:
