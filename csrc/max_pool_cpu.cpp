@@ -1,5 +1,6 @@
-// The ResNet stem's 3x3 max pool of stride 2 and padding 1 on the CPU, channels-last, float32 or bfloat16, for the
-// fast inference path (projects/SparseDETR/sparse_detr/fusion.py):
+// The ResNet stem's 3x3 max pool of stride 2 and padding 1 on the CPU, channels-last, float32, bfloat16 or uint8
+// (the int8 backbone's activations, ordered as the values they stand for), for the fast inference path
+// (projects/SparseDETR/sparse_detr/fusion.py and quantization.py):
 //
 //   sparse_detr_C::max_pool3x3s2(input) -> output
 //
@@ -69,9 +70,10 @@ Loop<T> loop() {
 
 at::Tensor max_pool3x3s2(const at::Tensor& input) {
   TORCH_CHECK(input.dim() == 4 && input.device().is_cpu() &&
-                  (input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16),
-              "max_pool3x3s2: input must be a (N, C, H, W) float32 or bfloat16 CPU tensor, got ", input.sizes(), " ",
-              input.scalar_type(), " on ", input.device());
+                  (input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16 ||
+                   input.scalar_type() == at::kByte),
+              "max_pool3x3s2: input must be a (N, C, H, W) float32, bfloat16 or uint8 CPU tensor, got ",
+              input.sizes(), " ", input.scalar_type(), " on ", input.device());
   const at::Tensor in = input.contiguous(at::MemoryFormat::ChannelsLast);
   const Shape s{input.size(2), input.size(3), input.size(1), (input.size(2) + 1) / 2, (input.size(3) + 1) / 2};
   const int64_t batch = input.size(0);
@@ -86,6 +88,12 @@ at::Tensor max_pool3x3s2(const at::Tensor& input) {
     const Loop<float> pool = loop<float>();
     const float* from = in.data_ptr<float>();
     float* to = output.data_ptr<float>();
+    at::parallel_for(0, batch * s.out_height, grain,
+                     [&](int64_t begin, int64_t end) { pool(from, to, s, begin, end); });
+  } else if (input.scalar_type() == at::kByte) {
+    const Loop<uint8_t> pool = loop<uint8_t>();
+    const uint8_t* from = in.data_ptr<uint8_t>();
+    uint8_t* to = output.data_ptr<uint8_t>();
     at::parallel_for(0, batch * s.out_height, grain,
                      [&](int64_t begin, int64_t end) { pool(from, to, s, begin, end); });
   } else {

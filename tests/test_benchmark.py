@@ -152,6 +152,7 @@ def test_compare_plain_reports_the_speed_up_and_the_shares_of_the_machines_rates
     assert row.startswith("| sparse_detr_r50_rho0.1.yaml |") and f"{result['speedup']:.2f}x" in row
     assert row.endswith(f"| {result['convolution_gflops_per_s']:.0f} | {result['share_of_convolution_rate']:.0%} |")
     assert convolution_gflops(torch.float32, repeats=1) > 0
+    assert convolution_gflops(torch.int8, repeats=1) > 0
 
 
 def test_paper_parameter_count_leaves_out_the_encoder_auxiliary_heads(tiny_model):
@@ -208,6 +209,24 @@ def test_ab_inference_sides_run_their_own_paths_on_the_same_images():
         torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-5)
 
 
+def test_an_ab_side_can_run_the_int8_backbone():
+    """TEST.PRECISION int8: the side's path is calibrated on a random image of the test size (its timings do not
+    depend on the ranges) and says so in its label; its detections stay near the float32 side's."""
+    from sparse_detr.inference import FastInferenceModel
+    from sparse_detr.quantization import Int8Conv
+
+    sides = [build_side(DEMO_CONFIG, TINY_DEMO, label, text)
+             for label, text in (("A", "TEST.PRECISION int8"), ("B", "TEST.PRECISION float32"))]
+    runs = ab_runs(sides, "inference", (HEIGHT, WIDTH), batch_size=1, device=torch.device("cpu"))
+    int8 = runs["A"].module
+    assert isinstance(int8, FastInferenceModel) and int8.int8
+    assert runs["A"].path == f"fast, int8 backbone, {str(int8.dtype).split('.')[-1]}"
+    assert any(isinstance(m, Int8Conv) for m in int8.modules())
+    with torch.no_grad():
+        a, b = (runs[label].call()[0]["instances"] for label in "AB")
+    assert a.image_size == b.image_size == (HEIGHT, WIDTH) and len(a) == len(b)
+
+
 def test_an_ab_side_can_be_the_authors_code_path_with_the_pytorch_attention():
     sides = [build_side(DEMO_CONFIG, TINY_DEMO, label, text)
              for label, text in (("A", "TEST.PRECISION float32"), ("B", "TEST.FAST_INFERENCE False MS_DEFORM_ATTN pytorch"))]
@@ -238,17 +257,21 @@ def test_an_ab_side_can_be_the_authors_code_path_with_the_pytorch_attention():
 
 
 def test_cpu_peak_counts_the_units_of_the_cpu():
-    """threads x MHz x multiply-adds a cycle: AVX-512 float32 32, AMX bf16 512, AVX512-BF16 64, AVX2 16; AMD's Zen 4
-    (family 25) runs AVX-512 on 256-bit units, half those; no clock, or no unit for the dtype: None."""
+    """threads x MHz x multiply-adds a cycle: AVX-512 float32 32, AMX bf16 512, AVX512-BF16 64, AMX int8 1024,
+    AVX512-VNNI int8 128, AVX2 16; AMD's Zen 4 (family 25) runs AVX-512 on 256-bit units, half those; no clock, or no
+    unit for the dtype: None."""
     xeon = {"vendor": "GenuineIntel", "family": 6, "mhz": 2000.0, "amx_bf16": True, "avx512_bf16": True,
-            "avx512f": True, "avx2_fma": True}
+            "amx_int8": True, "avx512_vnni": True, "avx512f": True, "avx2_fma": True}
     zen4 = {"vendor": "AuthenticAMD", "family": 25, "mhz": 2600.0, "amx_bf16": False, "avx512_bf16": True,
-            "avx512f": True, "avx2_fma": True}
-    zen3 = {**zen4, "family": 25, "avx512_bf16": False, "avx512f": False}
+            "amx_int8": False, "avx512_vnni": True, "avx512f": True, "avx2_fma": True}
+    zen3 = {**zen4, "family": 25, "avx512_bf16": False, "avx512_vnni": False, "avx512f": False}
     assert cpu_peak_gflops(xeon, torch.float32, 2) == 2 * 2.0 * 32
     assert cpu_peak_gflops(xeon, torch.bfloat16, 2) == 2 * 2.0 * 512
     assert cpu_peak_gflops(zen4, torch.float32, 2) == 2 * 2.6 * 16
     assert cpu_peak_gflops(zen4, torch.bfloat16, 2) == 2 * 2.6 * 32
+    assert cpu_peak_gflops(xeon, torch.int8, 2) == 2 * 2.0 * 1024
+    assert cpu_peak_gflops(zen4, torch.int8, 2) == 2 * 2.6 * 64
+    assert cpu_peak_gflops(zen3, torch.int8, 2) is None
     assert cpu_peak_gflops(zen3, torch.float32, 1) == 2.6 * 16 and cpu_peak_gflops(zen3, torch.bfloat16, 1) is None
     assert cpu_peak_gflops({**xeon, "mhz": None}, torch.float32, 2) is None
     here = cpu_description()

@@ -1,5 +1,6 @@
 """The fast inference path's stem max pool (csrc/max_pool_cpu.cpp, sparse_detr.fusion.stem_max_pool): PyTorch's
-3x3 max pool of stride 2 and padding 1, element for element, in float32 and bf16, on every instruction set."""
+3x3 max pool of stride 2 and padding 1, element for element, in float32 and bf16 (and uint8, the int8 backbone's
+codes), on every instruction set."""
 import os
 import subprocess
 import sys
@@ -18,11 +19,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not max_pool_available(), reason="sparse_detr._C is not built (make setup)")
 
 SHAPES = [
-    (1, 64, 40, 60),  # the stem's 64 channels: four 16-channel vectors
+    (1, 64, 40, 60),  # the stem's 64 channels: four 16-channel vectors (one 64-code vector in uint8)
     (2, 5, 7, 9),  # odd sides (a window cut by the edge), fewer channels than a vector
     (1, 37, 6, 5),  # two vectors and a remainder of 5
     (1, 16, 1, 1),  # one pixel: every window but the centre's element is padding
+    (2, 130, 9, 8),  # uint8: two 64-code vectors and a remainder of 2
 ]
+DTYPES = [torch.float32, torch.bfloat16, torch.uint8]
 
 
 def channels_last_map(shape, dtype, seed=0):
@@ -38,7 +41,18 @@ def channels_last_map(shape, dtype, seed=0):
     return x.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
+def check_codes_equal_pytorch(shape):
+    """uint8 codes (PyTorch's own uint8 pool fails on maps this large): the pool of the same values in float32."""
+    x = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    x = x.contiguous(memory_format=torch.channels_last)
+    actual = torch.ops.sparse_detr_C.max_pool3x3s2(x)
+    assert actual.dtype == torch.uint8 and actual.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(actual, F.max_pool2d(x.float(), kernel_size=3, stride=2, padding=1).to(torch.uint8))
+
+
 def check_equals_pytorch(shape, dtype):
+    if dtype == torch.uint8:
+        return check_codes_equal_pytorch(shape)
     x = channels_last_map(shape, dtype)
     expected = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
     actual = torch.ops.sparse_detr_C.max_pool3x3s2(x)
@@ -52,7 +66,7 @@ def check_equals_pytorch(shape, dtype):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_max_pool_equals_pytorch(shape, dtype):
     check_equals_pytorch(shape, dtype)
 
@@ -63,9 +77,9 @@ def test_every_instruction_set():
         import sys
         import torch
         sys.path.insert(0, "tests")
-        from test_stem_max_pool import SHAPES, check_equals_pytorch
+        from test_stem_max_pool import DTYPES, SHAPES, check_equals_pytorch
         for shape in SHAPES:
-            for dtype in (torch.float32, torch.bfloat16):
+            for dtype in DTYPES:
                 check_equals_pytorch(shape, dtype)
     """)
     for capability in ("default", "avx2"):
@@ -78,7 +92,7 @@ def test_max_pool_takes_any_layout_and_rejects_other_dtypes():
     x = torch.randn(2, 8, 9, 10)  # NCHW: made channels-last inside
     torch.testing.assert_close(torch.ops.sparse_detr_C.max_pool3x3s2(x), F.max_pool2d(x, 3, 2, 1), rtol=0, atol=0)
     assert torch.ops.sparse_detr_C.max_pool3x3s2(torch.randn(0, 8, 9, 10)).shape == (0, 8, 5, 5)
-    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or uint8"):
         torch.ops.sparse_detr_C.max_pool3x3s2(x.double())
 
 

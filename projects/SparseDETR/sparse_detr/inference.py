@@ -29,11 +29,15 @@ same detections faster; the model itself (its modules, state dict and checkpoint
   (AMX or AVX512-BF16), float32 elsewhere. Under autocast the memory the value projections read is cast to bf16
   once for all of them (``SparseDeformableTransformer._shared_values``);
 * the ResNet stem's max pool runs by ``torch.ops.sparse_detr_C.max_pool3x3s2``
-  (:func:`~sparse_detr.fusion.stem_max_pool`), which does not write PyTorch's index of every maximum.
+  (:func:`~sparse_detr.fusion.stem_max_pool`), which does not write PyTorch's index of every maximum;
+* in int8 (``TEST.PRECISION int8``, opt-in, never "auto"), the ResNet backbone's convolutions run on 8-bit integers
+  (:mod:`sparse_detr.quantization`), their activation ranges calibrated on images of ``DATASETS.TRAIN``
+  (:func:`calibration_inputs`), and the rest as "auto" runs it; not the float32 detections (the README gives the
+  AP it cost).
 """
 import copy
 import logging
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -44,13 +48,14 @@ from detectron2.layers import Conv2d as D2Conv2d
 from .fusion import WinogradConv, cpu_vendor, fuse_resnet, pack_convolutions, pack_linears
 from .layers import MSDeformAttn
 from .meta_arch import SparseDETR
+from .quantization import Int8ResNet, quantize_projections, quantize_resnet, quantized_convolutions
 from .transformer import TransformerOutput
 
-__all__ = ["FastInferenceModel", "build_inference_model", "cpu_description", "fold_batch_norms", "has_amx",
-           "has_native_bf16", "inference_precision"]
+__all__ = ["FastInferenceModel", "build_inference_model", "calibration_inputs", "cpu_description",
+           "fold_batch_norms", "has_amx", "has_native_bf16", "inference_precision"]
 
 logger = logging.getLogger(__name__)
-PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16", "int8")
 
 
 def has_amx() -> bool:
@@ -84,14 +89,18 @@ def cpu_description() -> Dict:
         pass
     flags = info.pop("flags")
     info.update(native_bf16=has_native_bf16(), amx_bf16="amx_bf16" in flags, avx512_bf16="avx512_bf16" in flags,
-                avx512f="avx512f" in flags, avx2_fma="avx2" in flags and "fma" in flags)
+                amx_int8="amx_int8" in flags, avx512_vnni="avx512_vnni" in flags, avx512f="avx512f" in flags,
+                avx2_fma="avx2" in flags and "fma" in flags)
     return info
 
 
 def inference_precision(precision: str, device: torch.device) -> torch.dtype:
-    """``TEST.PRECISION`` on ``device``: "auto" is bfloat16 on a CPU with native bf16, float32 elsewhere."""
+    """``TEST.PRECISION`` on ``device``: "auto" is bfloat16 on a CPU with native bf16, float32 elsewhere; "int8"
+    (:class:`FastInferenceModel`'s int8 backbone, never chosen by "auto") is ``torch.int8``, on the CPU only."""
     if precision not in PRECISIONS:
         raise ValueError(f"TEST.PRECISION must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError(f"TEST.PRECISION int8 runs on the CPU (oneDNN's int8 convolutions), not on {device.type}")
     if precision == "auto":
         return torch.bfloat16 if device.type == "cpu" and has_native_bf16() else torch.float32
     return getattr(torch, precision)
@@ -215,15 +224,34 @@ class FastInferenceModel(nn.Module):
     :class:`TransformerOutput`.
     """
 
-    def __init__(self, model: SparseDETR, dtype: torch.dtype = torch.float32, fuse: bool = True):
+    def __init__(self, model: SparseDETR, dtype: torch.dtype = torch.float32, fuse: bool = True,
+                 calibration: Optional[List[Dict]] = None):
+        """``dtype``: float32, bfloat16, or int8 (:mod:`sparse_detr.quantization`: the ResNet backbone in int8, its
+        activation ranges calibrated on ``calibration``, model inputs as ``forward`` takes them; the rest in
+        bfloat16 on a CPU with native bf16, float32 elsewhere)."""
         super().__init__()
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"the fast inference path runs in float32 or bfloat16, got {dtype}")
+        if dtype not in (torch.float32, torch.bfloat16, torch.int8):
+            raise ValueError(f"the fast inference path runs in float32, bfloat16 or int8, got {dtype}")
         model = getattr(model, "module", model)  # DistributedDataParallel
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.int8 = dtype == torch.int8
+        if self.int8:
+            if not calibration:
+                raise ValueError("the int8 path calibrates its activation ranges on images: give calibration inputs "
+                                 "(TEST.INT8_CALIBRATION_IMAGES of DATASETS.TRAIN in evaluation)")
+            dtype = torch.bfloat16 if has_native_bf16() else torch.float32
         self.dtype = dtype
+        convolutional = any(isinstance(m, nn.Conv2d) for m in self.model.backbone.modules())
         folded = fold_batch_norms(self.model.backbone)
-        fused = fuse_resnet(self.model.backbone, winograd=dtype == torch.float32) if fuse else 0
+        if self.int8:
+            with torch.no_grad():
+                images = [self.model.preprocess_image([item]).tensor for item in calibration]
+            self.model.backbone = quantize_resnet(self.model.backbone, images)
+            fused = 0
+            if isinstance(self.model.backbone, Int8ResNet):
+                quantize_projections(self.model.backbone, self.model.in_features, self.model.input_proj)
+        else:
+            fused = fuse_resnet(self.model.backbone, winograd=dtype == torch.float32) if fuse else 0
         if fuse:
             fused += pack_convolutions(self.model.input_proj)
         for module in self.model.modules():
@@ -236,8 +264,9 @@ class FastInferenceModel(nn.Module):
         # turns); a GPU's rule is unmeasured
         self.model.transformer.project_values_after_sampling = self.model.device.type == "cpu" and (
             dtype == torch.float32 or not has_amx())
-        if any(isinstance(m, nn.Conv2d) for m in self.model.backbone.modules()):
-            self.model.backbone = ChannelsLast(self.model.backbone)
+        if convolutional:
+            if not self.int8:  # (the int8 backbone takes its input in its own layout)
+                self.model.backbone = ChannelsLast(self.model.backbone)
             for sequence in self.model.input_proj:
                 for index, module in enumerate(sequence):
                     if type(module) is nn.GroupNorm:
@@ -247,6 +276,12 @@ class FastInferenceModel(nn.Module):
         if fuse:  # in float32 with MKL only the layers over many tokens take oneDNN (fusion.PACKED_FLOAT32_MIN_ROWS)
             fused += pack_linears(self.model.transformer)
         super().train(False)
+        if self.int8:
+            logger.info("fast inference: the backbone in int8 (%d convolutions, calibrated on %d images; %d input "
+                        "projections reading its uint8 maps), the rest in %s; %d batch norms folded, %d convolutions "
+                        "and linear layers packed", quantized_convolutions(self.model.backbone), len(calibration),
+                        quantized_convolutions(self.model.input_proj), dtype, folded, fused)
+            return
         winograd = [m for m in self.model.modules() if isinstance(m, WinogradConv)]
         how = f" F({winograd[0].tile}x{winograd[0].tile}, 3x3) with {winograd[0].products} products" if winograd else ""
         logger.info("fast inference: %d batch norms folded, %d convolutions fused (the backbone's with their ReLU and "
@@ -274,9 +309,36 @@ class FastInferenceModel(nn.Module):
         return self.model.evaluation_outputs(self.predict(batched_inputs), batched_inputs)
 
 
+def calibration_inputs(cfg) -> List[Dict]:
+    """``TEST.INT8_CALIBRATION_IMAGES`` images of the first of ``DATASETS.TRAIN``, spread evenly over it, as
+    evaluation's mapper gives them: what the int8 path calibrates its activation ranges on."""
+    from detectron2.data import DatasetCatalog
+
+    from .dataset_mapper import DetrDatasetMapper
+    from .datasets import check_dataset_files
+
+    count = cfg.TEST.INT8_CALIBRATION_IMAGES
+    if count < 1:
+        raise ValueError(f"TEST.INT8_CALIBRATION_IMAGES must be at least 1 for TEST.PRECISION int8, got {count}")
+    if not cfg.DATASETS.TRAIN:
+        raise ValueError("TEST.PRECISION int8 calibrates on images of DATASETS.TRAIN, which is empty")
+    name = cfg.DATASETS.TRAIN[0]
+    try:
+        check_dataset_files(name)
+    except (KeyError, FileNotFoundError) as error:
+        raise ValueError(f"TEST.PRECISION int8 calibrates on images of DATASETS.TRAIN: {error.args[0]}") from None
+    records = DatasetCatalog.get(name)
+    if not records:
+        raise ValueError(f"TEST.PRECISION int8 calibrates on images of {name!r}, which has none")
+    mapper = DetrDatasetMapper(cfg, is_train=False)
+    step = len(records) / min(count, len(records))
+    return [mapper(dict(records[int(i * step)])) for i in range(min(count, len(records)))]
+
+
 def build_inference_model(cfg, model: SparseDETR) -> nn.Module:
     """The model evaluation and the tools run: ``model`` itself when ``TEST.FAST_INFERENCE`` is off, else
-    a :class:`FastInferenceModel` in ``TEST.PRECISION``."""
+    a :class:`FastInferenceModel` in ``TEST.PRECISION`` (int8: calibrated on :func:`calibration_inputs`)."""
     if not cfg.TEST.FAST_INFERENCE:
         return model
-    return FastInferenceModel(model, inference_precision(cfg.TEST.PRECISION, torch.device(cfg.MODEL.DEVICE)))
+    dtype = inference_precision(cfg.TEST.PRECISION, torch.device(cfg.MODEL.DEVICE))
+    return FastInferenceModel(model, dtype, calibration=calibration_inputs(cfg) if dtype == torch.int8 else None)

@@ -32,7 +32,8 @@ def cpu_peak_gflops(cpu: Dict, dtype: torch.dtype, threads: int) -> Optional[flo
     """Peak multiply-adds per second (G) of ``threads`` cores in ``dtype``; None when unknown.
 
     ``cpu`` is :func:`sparse_detr.inference.cpu_description`'s. threads x clock x multiply-adds a cycle and core
-    (float32: 32 with AVX-512, 16 with AVX2 + FMA; bfloat16: 512 with AMX, 64 with AVX512-BF16), assuming two
+    (float32: 32 with AVX-512, 16 with AVX2 + FMA; bfloat16: 512 with AMX, 64 with AVX512-BF16; int8, the int8
+    backbone's convolutions: 1024 with AMX, 128 with AVX512-VNNI), assuming two
     FMA units a core, as wide as the instructions; AMD's Zen 4 (family 25) runs a 512-bit instruction as two
     256-bit halves, so half that with AVX-512 (16 and 32). The clock is /proc/cpuinfo's, which in a VM is often
     the base clock: a core boosting above it makes the share of the peak look higher than it is.
@@ -41,9 +42,11 @@ def cpu_peak_gflops(cpu: Dict, dtype: torch.dtype, threads: int) -> Optional[flo
         return None
     if dtype == torch.bfloat16:
         per_cycle = 512 if cpu["amx_bf16"] else 64 if cpu["avx512_bf16"] else None
+    elif dtype == torch.int8:
+        per_cycle = 1024 if cpu.get("amx_int8") else 128 if cpu.get("avx512_vnni") else None
     else:
         per_cycle = 32 if cpu["avx512f"] else 16 if cpu["avx2_fma"] else None
-    if per_cycle in (32, 64) and _half_width_avx512(cpu):  # the AVX-512 rates
+    if per_cycle in (32, 64, 128) and _half_width_avx512(cpu):  # the AVX-512 rates
         per_cycle //= 2
     return None if per_cycle is None else threads * cpu["mhz"] * 1e-3 * per_cycle
 
@@ -58,7 +61,10 @@ def convolution_gflops(dtype: torch.dtype, repeats: int = 5) -> float:
     """The multiply-adds per second (G) oneDNN's 3x3 convolution reaches on this CPU in ``dtype`` with the current
     threads (256 -> 256 channels on a channels-last 100x150 map, 0.88 G multiply-adds, its weight packed; the fastest
     of ``repeats`` runs after two): the rate the backbone's convolutions can hope for, measured, where the clock
-    and the width of the units :func:`cpu_peak_gflops` assumes may be wrong (a VM's base clock, a boost)."""
+    and the width of the units :func:`cpu_peak_gflops` assumes may be wrong (a VM's base clock, a boost). int8:
+    oneDNN's int8 convolution of uint8 codes, as the int8 backbone runs it."""
+    if dtype == torch.int8:
+        return _int8_convolution_gflops(repeats)
     x = torch.randn(1, 256, 100, 150).to(dtype).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(256, 256, 3, 3).to(dtype) * 0.02
     geometry = ([1, 1], [1, 1], [1, 1], 1)
@@ -67,6 +73,22 @@ def convolution_gflops(dtype: torch.dtype, repeats: int = 5) -> float:
     for index in range(repeats + 2):
         start = time.perf_counter()
         torch.ops.mkldnn._convolution_pointwise(x, packed, None, *geometry, "none", [], "")
+        if index >= 2:
+            best = min(best, time.perf_counter() - start)
+    return 256 * 256 * 9 * 100 * 150 / best / 1e9
+
+
+def _int8_convolution_gflops(repeats: int) -> float:
+    x = torch.randint(0, 256, (1, 256, 100, 150), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    weight = torch.randint(-127, 128, (256, 256, 3, 3), dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    scales, zero_points = torch.full((256,), 1e-3), torch.zeros(256, dtype=torch.long)
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    packed = torch.ops.onednn.qconv_prepack(weight, scales, 0.01, 0, *geometry, list(x.shape))
+    best = float("inf")
+    for index in range(repeats + 2):
+        start = time.perf_counter()
+        torch.ops.onednn.qconv2d_pointwise(x, 0.01, 0, packed, scales, zero_points, None, *geometry, 0.05, 0, None,
+                                           "none", [], "")
         if index >= 2:
             best = min(best, time.perf_counter() - start)
     return 256 * 256 * 9 * 100 * 150 / best / 1e9

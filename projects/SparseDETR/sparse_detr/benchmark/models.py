@@ -44,11 +44,18 @@ def evaluation_path(cfg, model: torch.nn.Module, device: torch.device) -> Evalua
     """The inference path evaluation runs for ``model`` on ``device`` (``TEST.FAST_INFERENCE``, ``TEST.PRECISION``).
 
     What :func:`sparse_detr.inference.build_inference_model` builds, for ``device`` rather than
-    ``MODEL.DEVICE`` (the benchmark's configs say "cpu" and move the model afterwards).
+    ``MODEL.DEVICE`` (the benchmark's configs say "cpu" and move the model afterwards). With int8 the ranges are
+    calibrated on one random image of the test size (the benchmark's models have random weights, and its timings
+    do not depend on the ranges); the dtype is int8, the label names the rest's.
     """
     if not cfg.TEST.FAST_INFERENCE:
         return EvaluationPath(model, torch.float32, "plain")
     dtype = inference_precision(cfg.TEST.PRECISION, device)
+    if dtype == torch.int8:
+        short = cfg.INPUT.MIN_SIZE_TEST
+        image = random_image(short, min(cfg.INPUT.MAX_SIZE_TEST, short * 3 // 2), seed=0).to(device)
+        fast = FastInferenceModel(model, dtype, calibration=[{"image": image}])
+        return EvaluationPath(fast, dtype, f"fast, int8 backbone, {str(fast.dtype).split('.')[-1]}")
     return EvaluationPath(FastInferenceModel(model, dtype), dtype, f"fast, {str(dtype).split('.')[-1]}")
 
 

@@ -1,0 +1,368 @@
+"""An int8 ResNet backbone for inference on the CPU (``TEST.PRECISION int8``, opt-in).
+
+The backbone's convolutions run on 8-bit integers by oneDNN (``torch.ops.onednn.qconv2d_pointwise``, the op
+PyTorch's compiler emits for its own x86 int8 quantization): weights quantized per output channel (symmetric
+int8), activations per tensor (uint8), their ranges calibrated once, on images given when the model is built
+(:func:`quantize_resnet`), by PyTorch's observers (``HistogramObserver``: the range that minimises the quantization
+error of the values seen, rather than their extremes). With AVX512-VNNI (or AMX-INT8) an int8 multiply-add costs
+half a bf16 one: on the 2-core AMD EPYC, ResNet-50's convolutions ran at 400-470 G multiply-adds a second against
+165-230 in bf16 and 90-115 in float32. The transformer is left to the precision it would have anyway (bf16 where
+the CPU has native bf16, float32 elsewhere).
+
+Two forms, by what the backbone's batch norms allow:
+
+* a folded ResNet (its batch norms folded into the convolutions: ResNet-50's rows) runs as a chain of uint8 maps:
+  each convolution writes its output quantized, its ReLU and the block's residual addition applied by oneDNN on the
+  way (the "sum" post-op); only the image is quantized, and the features it returns are either dequantized or,
+  in the fast model, read as codes by the input projections (:func:`quantize_projections`);
+* a ResNet with GroupNorm (the demo's), whose convolutions cannot be folded: each convolution quantizes its input,
+  convolves in int8 and returns float32, its norm and activation then applied as before.
+
+The detections are not the float32 path's: 8-bit activations put ResNet-50's features a few per cent from float32's
+(3-4 %, random weights); the README gives the AP it cost on the demo model.
+"""
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.ao.quantization.observer import HistogramObserver, PerChannelMinMaxObserver
+
+from detectron2.layers import Conv2d as D2Conv2d
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet
+
+from .fusion import _block_fusable, _fusable, max_pool_available
+
+__all__ = ["Int8Conv", "Int8ResNet", "int8_available", "quantize_projections", "quantize_resnet",
+           "quantized_convolutions"]
+
+
+def int8_available() -> bool:
+    """Whether this PyTorch has oneDNN's int8 convolution (x86 builds with oneDNN)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+
+
+class _Range:
+    """The calibrated range of one activation tensor, as uint8: ``(scale, zero_point)``."""
+
+    def __init__(self):
+        self.observer = HistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+        self.seen = False
+
+    def observe(self, x: Tensor) -> Tensor:
+        self.observer(x.detach().float())
+        self.seen = True
+        return x
+
+    def qparams(self) -> Tuple[float, int]:
+        if not self.seen:
+            raise RuntimeError("an int8 activation range was never calibrated: give calibration images")
+        scale, zero_point = self.observer.calculate_qparams()
+        return float(scale), int(zero_point)
+
+
+class _Known(_Range):
+    """A range known already: a uint8 map's (scale, zero point)."""
+
+    def __init__(self, qparams: Tuple[float, int]):
+        self.known = qparams
+
+    def observe(self, x: Tensor) -> Tensor:
+        return x
+
+    def qparams(self) -> Tuple[float, int]:
+        return self.known
+
+
+def _quantize(x: Tensor, qparams: Tuple[float, int]) -> Tensor:
+    scale, zero_point = qparams
+    return torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, 0, 255).to(torch.uint8)
+
+
+def _dequantize(q: Tensor, qparams: Tuple[float, int]) -> Tensor:
+    scale, zero_point = qparams
+    return q * scale if zero_point == 0 else (q.float() - zero_point) * scale  # one pass where the zero is 0
+
+
+class Int8Conv(nn.Module):
+    """``conv`` (a Detectron2 or plain ``nn.Conv2d``, its bias included, any norm or activation left out) in int8:
+    ``relu?(conv(x) + bias [+ accumulated])`` on a uint8 input of the calibrated ``input_range``, written as uint8 of
+    ``output_range``, or as float32 when that is None.
+
+    Calibration (:meth:`calibrate`) runs the float convolution and records both ranges; :meth:`freeze` then
+    quantizes the weight (per output channel, symmetric) and fixes the quantization parameters. The weight is
+    reordered for oneDNN at the first call (a cache, dropped by copies and pickles)."""
+
+    def __init__(self, conv: nn.Conv2d, relu: bool, input_range: "_Range", output_range: Optional["_Range"]):
+        super().__init__()
+        self.conv, self.relu = conv, relu
+        self.input_range, self.output_range = input_range, output_range
+        # as nn.Conv2d's attributes too, for code that reads them from the module (the padding-free projections)
+        self.kernel_size, self.padding, self.stride, self.dilation = (conv.kernel_size, conv.padding, conv.stride,
+                                                                      conv.dilation)
+        self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+
+    def calibrate(self, x: Tensor, accumulated: Optional[Tensor] = None) -> Tensor:
+        """The float convolution of ``x`` (+ ``accumulated``, ReLU), its ranges recorded."""
+        self.input_range.observe(x)
+        y = F.conv2d(x, self.conv.weight, self.conv.bias, *self.geometry[:3], self.conv.groups)
+        if accumulated is not None:
+            y = y + accumulated
+        if self.relu:
+            y = y.relu()
+        return y if self.output_range is None else self.output_range.observe(y)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        weight = self.conv.weight.detach().float()
+        observer = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+        observer(weight)
+        scales = observer.calculate_qparams()[0].float()
+        quantized = torch.clamp(torch.round(weight / scales.view(-1, 1, 1, 1)), -128, 127).to(torch.int8)
+        self.register_buffer("weight", quantized.contiguous(memory_format=torch.channels_last))
+        self.register_buffer("weight_scales", scales)
+        self.register_buffer("weight_zero_points", torch.zeros_like(scales, dtype=torch.long))
+        bias = self.conv.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.input_qparams = self.input_range.qparams()
+        self.output_qparams = None if self.output_range is None else self.output_range.qparams()
+        del self.conv, self.input_range, self.output_range  # the float weights are no longer needed
+
+    def _packed(self, q: Tensor) -> Tensor:
+        # for the input's shape, as oneDNN picks its kernel and the weight layout it reads by that shape: packed for
+        # none, ResNet-50's res5 1x1 convolutions took 26-54 ms at 800x1199 instead of 2.5-5 (the AMD EPYC)
+        cache = self.__dict__.setdefault("_packed_weights", {})
+        key = (self.weight.data_ptr(), self.weight._version, tuple(q.shape))
+        if cache.get("key") != key:
+            stride, padding, dilation, groups = self.geometry
+            cache["key"], cache["weight"] = key, torch.ops.onednn.qconv_prepack(
+                self.weight, self.weight_scales, *self.input_qparams, stride, padding, dilation, groups,
+                list(q.shape))
+        return cache["weight"]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_packed_weights", None)
+        return state
+
+    def forward(self, q: Tensor, accumulated: Optional[Tensor] = None,
+                accumulated_qparams: Optional[Tuple[float, int]] = None) -> Tensor:
+        """``q``: uint8, channels-last; ``accumulated`` (uint8 of ``accumulated_qparams``) is added before the ReLU,
+        and may be overwritten."""
+        stride, padding, dilation, groups = self.geometry
+        x_scale, x_zero = self.input_qparams
+        out_scale, out_zero = self.output_qparams if self.output_qparams is not None else (1.0, 0)
+        out_dtype = None if self.output_qparams is not None else torch.float32
+        weight = self._packed(q)
+        if accumulated is None:
+            return torch.ops.onednn.qconv2d_pointwise(
+                q, x_scale, x_zero, weight, self.weight_scales, self.weight_zero_points, self.bias, stride, padding,
+                dilation, groups, out_scale, out_zero, out_dtype, "relu" if self.relu else "none", [], "")
+        return torch.ops.onednn.qconv2d_pointwise.binary(
+            q, x_scale, x_zero, weight, self.weight_scales, self.weight_zero_points, accumulated, self.bias, stride,
+            padding, dilation, groups, out_scale, out_zero, out_dtype, *accumulated_qparams, "sum", 1.0,
+            "relu" if self.relu else None, [], "")
+
+
+def _max_pool(q: Tensor) -> Tensor:
+    """The stem's 3x3 max pool of stride 2 on a uint8 map (the largest code is the largest value)."""
+    if max_pool_available():
+        return torch.ops.sparse_detr_C.max_pool3x3s2(q)
+    return F.max_pool2d(q.float(), kernel_size=3, stride=2, padding=1).to(torch.uint8)
+
+
+class _Int8Stem(nn.Module):
+    def __init__(self, stem: BasicStem, image_range: _Range):
+        super().__init__()
+        self.out_range = _Range()
+        self.conv1 = Int8Conv(stem.conv1, relu=True, input_range=image_range, output_range=self.out_range)
+
+    def calibrate(self, x: Tensor) -> Tensor:
+        return F.max_pool2d(self.conv1.calibrate(x), kernel_size=3, stride=2, padding=1)
+
+    def forward(self, q: Tensor) -> Tensor:
+        return _max_pool(self.conv1(q))
+
+
+class _Int8Block(nn.Module):
+    """A folded BottleneckBlock or BasicBlock on uint8 maps: the last convolution adds the shortcut (the input, or
+    the projection's uint8 output) and applies the ReLU as post-ops."""
+
+    def __init__(self, block: nn.Module, input_range: _Range, input_is_private: bool):
+        super().__init__()
+        names = ["conv1", "conv2", "conv3"] if isinstance(block, BottleneckBlock) else ["conv1", "conv2"]
+        convs = [getattr(block, name) for name in names]
+        ranges = [input_range] + [_Range() for _ in convs]
+        self.inner = nn.ModuleList(Int8Conv(conv, True, ranges[i], ranges[i + 1]) for i, conv in enumerate(convs[:-1]))
+        self.out_range = ranges[-1]
+        self.last = Int8Conv(convs[-1], True, ranges[-2], self.out_range)
+        self.shortcut_range = input_range if block.shortcut is None else _Range()
+        self.shortcut = None if block.shortcut is None else Int8Conv(block.shortcut, False, input_range,
+                                                                     self.shortcut_range)
+        self.input_is_private = input_is_private
+
+    def calibrate(self, x: Tensor) -> Tensor:
+        out = x
+        for conv in self.inner:
+            out = conv.calibrate(out)
+        shortcut = x if self.shortcut is None else self.shortcut.calibrate(x)
+        return self.last.calibrate(out, shortcut)
+
+    def freeze(self) -> None:
+        self.shortcut_qparams = self.shortcut_range.qparams()
+        del self.shortcut_range, self.out_range
+
+    def forward(self, q: Tensor) -> Tensor:
+        out = q
+        for conv in self.inner:
+            out = conv(out)
+        if self.shortcut is not None:
+            shortcut = self.shortcut(q)
+        else:  # the sum post-op writes into its accumulator
+            shortcut = q if self.input_is_private else q.clone()
+        return self.last(out, shortcut, self.shortcut_qparams)
+
+
+class Int8ResNet(nn.Module):
+    """A folded Detectron2 ``ResNet`` on uint8 maps (the module docstring's first form); returns its features
+    dequantized to float32, as the ResNet's ``forward`` names them."""
+
+    def __init__(self, resnet: ResNet):
+        super().__init__()
+        self.image_range = _Range()
+        self.stem = _Int8Stem(resnet.stem, self.image_range)
+        self.stage_names, self.out_features = list(resnet.stage_names), list(resnet._out_features)
+        self._out_feature_channels = dict(resnet._out_feature_channels)
+        self._out_feature_strides = dict(resnet._out_feature_strides)
+        stages, previous = [], self.stem.out_range
+        for stage in resnet.stages:
+            blocks = []
+            for index, block in enumerate(stage):
+                blocks.append(_Int8Block(block, previous, input_is_private=index > 0))
+                previous = blocks[-1].out_range
+            stages.append(nn.ModuleList(blocks))
+        self.stages = nn.ModuleList(stages)
+        self.feature_ranges = {"stem": self.stem.out_range, **{
+            name: stage[-1].out_range for name, stage in zip(self.stage_names, self.stages)}}
+        self.returns_codes = False  # the features as uint8 maps of feature_qparams (set by quantize_projections)
+
+    def output_shape(self):
+        return {name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
+                for name in self.out_features}
+
+    @torch.no_grad()
+    def calibrate(self, x: Tensor) -> None:
+        x = self.stem.calibrate(x)
+        for stage in self.stages:
+            for block in stage:
+                x = block.calibrate(x)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        self.image_qparams = self.image_range.qparams()
+        self.feature_qparams = {name: r.qparams() for name, r in self.feature_ranges.items()}
+        for module in list(self.modules()):
+            if isinstance(module, (Int8Conv, _Int8Block)):
+                module.freeze()
+        del self.image_range, self.feature_ranges
+
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        q = _quantize(x.float(), self.image_qparams).contiguous(memory_format=torch.channels_last)
+        q = self.stem(q)
+        outputs = {}
+        for name, stage in [("stem", [])] + list(zip(self.stage_names, self.stages)):
+            for block in stage:
+                q = block(q)
+            if name in self.out_features:
+                outputs[name] = q if self.returns_codes else _dequantize(q, self.feature_qparams[name])
+        return outputs
+
+
+@torch.no_grad()
+def quantize_projections(backbone: Int8ResNet, in_features: List[str], input_proj: nn.ModuleList) -> int:
+    """Let the input projections that read ``backbone``'s features (one a feature, and the first extra level's,
+    which reads the last) take its uint8 maps: their convolutions (``input_proj[i][0]``, plain ``nn.Conv2d``) become
+    :class:`Int8Conv` with a float32 output, and ``backbone`` returns its features undequantized. A projection
+    then runs at the int8 rate, and no feature is written in float first (at 800x1199, ResNet-50's three: 13M
+    values). Returns how many were converted (0, and nothing changed, unless every such projection is a plain
+    convolution)."""
+    names = list(in_features) + [in_features[-1]]
+    convs = [proj[0] for proj in list(input_proj)[:len(names)]]
+    if not all(type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+               for conv in convs):
+        return 0
+    for proj, conv, name in zip(input_proj, convs, names):
+        scale, zero_point = backbone.feature_qparams[name]
+        assert zero_point == 0, "a feature after a ReLU has its zero at code 0 (the padding value)"
+        proj[0] = Int8Conv(conv, relu=False, input_range=_Known((scale, zero_point)), output_range=None)
+        proj[0].freeze()
+    backbone.returns_codes = True
+    return len(convs)
+
+
+class _Int8FloatConv(nn.Module):
+    """A Detectron2 convolution with a norm that cannot be folded (GroupNorm): its input quantized, the convolution
+    in int8 with a float32 output, then its norm and activation (the module docstring's second form)."""
+
+    def __init__(self, conv: D2Conv2d):
+        super().__init__()
+        self.int8 = Int8Conv(conv, relu=False, input_range=_Range(), output_range=None)
+        self.norm, self.activation = conv.norm, conv.activation
+        self.calibrating = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.calibrating:
+            y = self.int8.calibrate(x.float())
+        else:
+            q = _quantize(x.float(), self.int8.input_qparams).contiguous(memory_format=torch.channels_last)
+            y = self.int8(q)
+        if self.norm is not None:
+            y = self.norm(y)
+        return y if self.activation is None else self.activation(y)
+
+
+@torch.no_grad()
+def quantize_resnet(backbone: nn.Module, images: Iterable[Tensor]) -> nn.Module:
+    """An int8 copy of a Detectron2 ``ResNet`` on the CPU, its activation ranges calibrated on ``images``
+    (the backbone's normalised inputs, (N, 3, H, W) each): an :class:`Int8ResNet` when every convolution is folded
+    (:func:`~sparse_detr.inference.fold_batch_norms` first), else the ResNet with each convolution replaced by
+    its int8 form with a float output. ``backbone`` is modified in the second case; pass a copy.
+
+    Raises a ValueError naming the problem for anything else (a Swin, a CUDA model, no image) and a RuntimeError
+    where this PyTorch has no oneDNN int8 convolution."""
+    if not isinstance(backbone, ResNet):
+        raise ValueError(f"TEST.PRECISION int8 quantizes ResNet backbones; this model's is a {type(backbone).__name__}")
+    if any(p.device.type != "cpu" for p in backbone.parameters()):
+        raise ValueError("TEST.PRECISION int8 runs on the CPU (MODEL.DEVICE cpu)")
+    if not int8_available():
+        raise RuntimeError("TEST.PRECISION int8 needs oneDNN's int8 convolution (torch.ops.onednn.qconv2d_pointwise), "
+                           "which this PyTorch build lacks")
+    images = list(images)
+    if not images:
+        raise ValueError("TEST.PRECISION int8 needs calibration images (at least one)")
+    blocks = [block for stage in backbone.stages for block in stage]
+    folded = (isinstance(backbone.stem, BasicStem) and _fusable(backbone.stem.conv1)
+              and all(_block_fusable(block) for block in blocks))
+    if folded:
+        quantized = Int8ResNet(backbone)
+        for image in images:
+            quantized.calibrate(image.float().contiguous(memory_format=torch.channels_last))
+        quantized.freeze()
+        return quantized
+    convs = [(parent, name, child) for parent in backbone.modules() for name, child in parent.named_children()
+             if isinstance(child, nn.Conv2d)]
+    for parent, name, child in convs:
+        setattr(parent, name, _Int8FloatConv(child))
+    for image in images:
+        backbone(image.float())
+    for parent, name, _ in convs:
+        wrapper = getattr(parent, name)
+        wrapper.int8.freeze()
+        wrapper.calibrating = False
+    return backbone
+
+
+def quantized_convolutions(backbone: nn.Module) -> int:
+    """How many convolutions of ``backbone`` run in int8."""
+    return sum(isinstance(m, Int8Conv) for m in backbone.modules())
