@@ -579,3 +579,14 @@ def test_other_config_merges_and_builds_as_written(config_name, project_cfg, mak
     with torch.no_grad():
         (result,) = model(make_batch({"height": 40, "width": 60}))
     assert len(result["instances"]) > 0
+
+
+def test_a_cuda_config_on_a_machine_without_a_gpu_is_one_clear_error(project_cfg, monkeypatch):
+    """The configs' MODEL.DEVICE is "cuda": without a GPU, building the model says which key to set (instead of a
+    stack trace from PyTorch's CUDA initialisation naming a missing NVIDIA driver)."""
+    cfg = project_cfg("sparse_detr_r50_rho0.3.yaml")
+    cfg.MODEL.DEVICE = "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"MODEL.DEVICE is 'cuda' but PyTorch finds no CUDA GPU here: set MODEL.DEVICE "
+                                         r"cpu \(demo.py: --opts MODEL.DEVICE cpu"):
+        build_model(cfg)

@@ -144,6 +144,10 @@ class SparseDETR(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        if torch.device(cfg.MODEL.DEVICE).type == "cuda" and not torch.cuda.is_available():
+            # (else the first tensor moved to it fails deep inside PyTorch, naming a missing NVIDIA driver)
+            raise ValueError(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but PyTorch finds no CUDA GPU here: set MODEL.DEVICE "
+                             "cpu (demo.py: --opts MODEL.DEVICE cpu; train_net.py: MODEL.DEVICE cpu after the options)")
         sd = cfg.MODEL.SPARSE_DETR
         class_columns, dataset_class_ids = class_head_layout(cfg)
         backbone = build_backbone(cfg)
