@@ -40,7 +40,9 @@ inline float as_float(uint16_t bits) {
   std::memcpy(&x, &wide, sizeof(x));
   return x;
 }
+inline float as_float(uint8_t x) { return x; }
 inline void put(float* to, float x) { *to = x; }
+inline void put(uint8_t* to, float x) { *to = static_cast<uint8_t>(x); }  // x is one of the uint8 inputs
 inline void put(uint16_t* to, float x) {
   uint32_t wide;
   std::memcpy(&wide, &x, sizeof(x));

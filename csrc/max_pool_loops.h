@@ -5,6 +5,21 @@
 typedef float Floats __attribute__((vector_size(kLanes * sizeof(float))));
 typedef uint32_t Words __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 typedef uint16_t Halves __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint8_t Codes __attribute__((vector_size(64)));  // uint8 maps: 64 channels at once, compared as bytes
+
+// The vector a map's elements are compared in: float32 (bf16 widened) 16 channels at a time, uint8 codes 64.
+template <typename T>
+struct Vector {
+  typedef Floats type;
+  static constexpr int64_t lanes = kLanes;
+  static type lowest() { return Floats{} - std::numeric_limits<float>::infinity(); }
+};
+template <>
+struct Vector<uint8_t> {
+  typedef Codes type;
+  static constexpr int64_t lanes = sizeof(Codes);
+  static type lowest() { return Codes{}; }
+};
 
 inline Floats load(const float* from) {
   Floats v;
@@ -19,7 +34,13 @@ inline Floats load(const uint16_t* from) {
   std::memcpy(&v, &w, sizeof(v));
   return v;
 }
+inline Codes load(const uint8_t* from) {
+  Codes v;
+  std::memcpy(&v, from, sizeof(v));
+  return v;
+}
 inline void store(float* to, const Floats& v) { std::memcpy(to, &v, sizeof(v)); }
+inline void store(uint8_t* to, const Codes& v) { std::memcpy(to, &v, sizeof(v)); }
 inline void store(uint16_t* to, const Floats& v) {
   Words w;
   std::memcpy(&w, &v, sizeof(w));
@@ -28,10 +49,12 @@ inline void store(uint16_t* to, const Floats& v) {
 }
 
 // Output rows [begin, end) of the flattened (N * out_height) rows. A window's elements are taken in PyTorch's order
-// (rows, then columns) with its rule: an element replaces the maximum when it is greater or NaN.
+// (rows, then columns) with its rule: an element replaces the maximum when it is greater or NaN (codes are never NaN).
 template <typename T>
 void pool_rows(const T* input, T* output, const Shape& s, int64_t begin, int64_t end) {
-  const int64_t vector_channels = s.channels / kLanes * kLanes;
+  typedef typename Vector<T>::type Lanes;
+  constexpr int64_t lanes = Vector<T>::lanes;
+  const int64_t vector_channels = s.channels / lanes * lanes;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t image = row / s.out_height, oy = row % s.out_height;
     const int64_t y_begin = std::max<int64_t>(2 * oy - 1, 0), y_end = std::min<int64_t>(2 * oy + 2, s.height);
@@ -39,11 +62,11 @@ void pool_rows(const T* input, T* output, const Shape& s, int64_t begin, int64_t
     for (int64_t ox = 0; ox < s.out_width; ++ox) {
       const int64_t x_begin = std::max<int64_t>(2 * ox - 1, 0), x_end = std::min<int64_t>(2 * ox + 2, s.width);
       T* to = output + (row * s.out_width + ox) * s.channels;
-      for (int64_t c0 = 0; c0 < vector_channels; c0 += kLanes) {
-        Floats best = Floats{} - std::numeric_limits<float>::infinity();
+      for (int64_t c0 = 0; c0 < vector_channels; c0 += lanes) {
+        Lanes best = Vector<T>::lowest();
         for (int64_t y = y_begin; y < y_end; ++y) {
           for (int64_t x = x_begin; x < x_end; ++x) {
-            const Floats v = load(map + (y * s.width + x) * s.channels + c0);
+            const Lanes v = load(map + (y * s.width + x) * s.channels + c0);
             best = (v > best) | (v != v) ? v : best;
           }
         }
@@ -63,40 +86,3 @@ void pool_rows(const T* input, T* output, const Shape& s, int64_t begin, int64_t
   }
 }
 
-// uint8 maps: the codes compared as bytes, 64 channels at once (one AVX-512 register; no NaN among them).
-typedef uint8_t Codes __attribute__((vector_size(64)));
-
-template <>
-inline void pool_rows<uint8_t>(const uint8_t* input, uint8_t* output, const Shape& s, int64_t begin, int64_t end) {
-  constexpr int64_t lanes = sizeof(Codes);
-  const int64_t vector_channels = s.channels / lanes * lanes;
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t image = row / s.out_height, oy = row % s.out_height;
-    const int64_t y_begin = std::max<int64_t>(2 * oy - 1, 0), y_end = std::min<int64_t>(2 * oy + 2, s.height);
-    const uint8_t* map = input + image * s.height * s.width * s.channels;
-    for (int64_t ox = 0; ox < s.out_width; ++ox) {
-      const int64_t x_begin = std::max<int64_t>(2 * ox - 1, 0), x_end = std::min<int64_t>(2 * ox + 2, s.width);
-      uint8_t* to = output + (row * s.out_width + ox) * s.channels;
-      for (int64_t c0 = 0; c0 < vector_channels; c0 += lanes) {
-        Codes best = Codes{};
-        for (int64_t y = y_begin; y < y_end; ++y) {
-          for (int64_t x = x_begin; x < x_end; ++x) {
-            Codes v;
-            std::memcpy(&v, map + (y * s.width + x) * s.channels + c0, sizeof(v));
-            best = v > best ? v : best;
-          }
-        }
-        std::memcpy(to + c0, &best, sizeof(best));
-      }
-      for (int64_t c = vector_channels; c < s.channels; ++c) {
-        uint8_t best = 0;
-        for (int64_t y = y_begin; y < y_end; ++y) {
-          for (int64_t x = x_begin; x < x_end; ++x) {
-            best = std::max(best, map[(y * s.width + x) * s.channels + c]);
-          }
-        }
-        to[c] = best;
-      }
-    }
-  }
-}

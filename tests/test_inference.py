@@ -599,6 +599,33 @@ def demo_val_images(count: int):
     return items
 
 
+def trained_demo_model(cfg):
+    """The demo model `make demo` trained (tests/data/demo_model, weights in float16), in float32, in eval mode."""
+    model = build_model(cfg)
+    state = torch.load(DEMO_WEIGHTS, map_location="cpu", weights_only=True)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.eval()
+
+
+def assert_shown_alike(expected, actual, threshold, score_atol, min_iou, margin, what):
+    """Every detection either side shows (score >= threshold + margin) has a counterpart on the other side (score
+    >= threshold - margin) of the same class, a score within ``score_atol`` and a box of IoU >= ``min_iou``: nothing
+    lost, nothing added. Returns how many detections were checked."""
+    shown = 0
+    for e, a in ((e["instances"], a["instances"]) for e, a in zip(expected, actual)):
+        for sure, other in ((e, a), (a, e)):
+            keep = sure[sure.scores >= threshold + margin]
+            candidates = other[other.scores >= threshold - margin]
+            shown += len(keep)
+            for i in range(len(keep)):
+                same = (candidates.pred_classes == keep.pred_classes[i]) & (
+                    (candidates.scores - keep.scores[i]).abs() <= score_atol)
+                assert same.any(), f"detection {i} (score {keep.scores[i]:.3f}) has no {what} counterpart"
+                iou = box_iou(keep.pred_boxes.tensor[i:i + 1], candidates.pred_boxes.tensor[same]).max()
+                assert iou >= min_iou
+    return shown
+
+
 @pytest.mark.parametrize("sample_first", [False, True])  # the bf16 decoder with AMX, and without
 def test_bfloat16_on_the_trained_demo_model_keeps_its_detections(project_cfg, sample_first, monkeypatch):
     """The demo model trained by `make demo` (weights in float16, tests/data/demo_model): every detection the
@@ -606,12 +633,8 @@ def test_bfloat16_on_the_trained_demo_model_keeps_its_detections(project_cfg, sa
     a score within 0.03 and a box of IoU >= 0.9, and the bf16 path shows nothing else; whether its decoder projects
     the memory first (CPUs with AMX) or samples it first (without)."""
     cfg = project_cfg("demo.yaml", tiny=False)
-    model = build_model(cfg)
-    state = torch.load(DEMO_WEIGHTS, map_location="cpu", weights_only=True)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    model.eval()
+    model = trained_demo_model(cfg)
     inputs = demo_val_images(12)
-    threshold = cfg.TEST.CONFIDENCE_THRESHOLD
     with torch.no_grad():
         fp32 = FastInferenceModel(model, torch.float32)(inputs)
         bf16 = FastInferenceModel(model, torch.bfloat16)
@@ -623,17 +646,6 @@ def test_bfloat16_on_the_trained_demo_model_keeps_its_detections(project_cfg, sa
                             lambda self, *args: calls.append(1) or sample_then_project(self, *args))
         bf16 = bf16(inputs)
     assert bool(calls) is sample_first
-    shown = 0
-    for expected, actual in zip(fp32, bf16):
-        e, a = expected["instances"], actual["instances"]
-        for sure, other in ((e, a), (a, e)):  # both ways: nothing lost, nothing added
-            keep = sure[sure.scores >= threshold + BF16_MARGIN]
-            candidates = other[other.scores >= threshold - BF16_MARGIN]
-            shown += len(keep)
-            for i in range(len(keep)):
-                same = (candidates.pred_classes == keep.pred_classes[i]) & (
-                    (candidates.scores - keep.scores[i]).abs() <= BF16_SCORE_ATOL)
-                assert same.any(), f"detection {i} (score {keep.scores[i]:.3f}) has no bf16 counterpart"
-                iou = box_iou(keep.pred_boxes.tensor[i:i + 1], candidates.pred_boxes.tensor[same]).max()
-                assert iou >= BF16_MIN_IOU
+    shown = assert_shown_alike(fp32, bf16, cfg.TEST.CONFIDENCE_THRESHOLD, BF16_SCORE_ATOL, BF16_MIN_IOU, BF16_MARGIN,
+                               "bf16")
     assert shown >= 12  # the images do show objects

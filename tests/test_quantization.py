@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.data import DatasetCatalog
-from detectron2.modeling import build_model
 
 from sparse_detr.inference import (FastInferenceModel, build_inference_model, calibration_inputs, fold_batch_norms,
                                    inference_precision)
 from sparse_detr.quantization import Int8Conv, Int8ResNet, _Range, int8_available, quantize_resnet
-from test_inference import DEMO_WEIGHTS, box_iou, demo_val_images, randomise_norms
+from test_inference import assert_shown_alike, demo_val_images, randomise_norms, trained_demo_model
 
 pytestmark = [pytest.mark.skipif(not int8_available(), reason="this PyTorch has no oneDNN int8 convolution"),
               pytest.mark.usefixtures("single_thread")]
@@ -135,30 +134,15 @@ def test_int8_on_the_trained_demo_model_keeps_its_detections(project_cfg):
     class, a score within 0.05 and a box of IoU >= 0.9, and nothing else. (On the whole val split: box AP 48.66
     against 48.66 in float32, README.)"""
     cfg = project_cfg("demo.yaml", tiny=False)
-    model = build_model(cfg)
-    state = torch.load(DEMO_WEIGHTS, map_location="cpu", weights_only=True)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    model.eval()
+    model = trained_demo_model(cfg)
     inputs = demo_val_images(12)
-    threshold = cfg.TEST.CONFIDENCE_THRESHOLD
     with torch.no_grad():
         fp32 = FastInferenceModel(model, torch.float32)(inputs)
         int8_model = FastInferenceModel(model, torch.int8, calibration=demo_train_images(8))
         int8 = int8_model(inputs)
     assert sum(isinstance(m, Int8Conv) for m in int8_model.modules()) == 12  # every backbone convolution
-    shown = 0
-    for expected, actual in zip(fp32, int8):
-        e, a = expected["instances"], actual["instances"]
-        for sure, other in ((e, a), (a, e)):
-            keep = sure[sure.scores >= threshold + INT8_MARGIN]
-            candidates = other[other.scores >= threshold - INT8_MARGIN]
-            shown += len(keep)
-            for i in range(len(keep)):
-                same = (candidates.pred_classes == keep.pred_classes[i]) & (
-                    (candidates.scores - keep.scores[i]).abs() <= INT8_SCORE_ATOL)
-                assert same.any(), f"detection {i} (score {keep.scores[i]:.3f}) has no int8 counterpart"
-                iou = box_iou(keep.pred_boxes.tensor[i:i + 1], candidates.pred_boxes.tensor[same]).max()
-                assert iou >= INT8_MIN_IOU
+    shown = assert_shown_alike(fp32, int8, cfg.TEST.CONFIDENCE_THRESHOLD, INT8_SCORE_ATOL, INT8_MIN_IOU, INT8_MARGIN,
+                               "int8")
     assert shown >= 12
 
 
