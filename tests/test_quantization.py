@@ -2,6 +2,11 @@
 integer codes stand for, ResNet-50's features and the demo model's detections stay near float32, and the switch
 is opt-in with one-line errors."""
 import copy
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +16,11 @@ from detectron2.data import DatasetCatalog
 
 from sparse_detr.inference import (FastInferenceModel, build_inference_model, calibration_inputs, fold_batch_norms,
                                    inference_precision)
-from sparse_detr.quantization import Int8Conv, Int8ResNet, _Range, int8_available, quantize_resnet
+from sparse_detr.quantization import (Int8Conv, Int8ResNet, _Range, int8_available, int8_weight_bound,
+                                      quantize_resnet)
 from test_inference import assert_shown_alike, demo_val_images, randomise_norms, trained_demo_model
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.skipif(not int8_available(), reason="this PyTorch has no oneDNN int8 convolution"),
               pytest.mark.usefixtures("single_thread")]
 
@@ -27,7 +34,9 @@ def dequantized(codes, qparams):
 def test_an_int8_convolution_computes_what_its_codes_stand_for(kind):
     """Calibrated on an input, an Int8Conv's output codes are those of the float64 convolution of its input codes'
     values by its weight codes' values (+ bias, + the accumulated map's values, ReLU), rounded to the output's
-    scale: within one code (oneDNN rounds its own float32 sum). Its float32 output is that convolution."""
+    scale: within one code (oneDNN rounds its own float32 sum). Its float32 output is that convolution. (On a CPU
+    without VNNI, test_every_onednn_instruction_set runs this with the weights of 7 bits that keep oneDNN's int16
+    pair sums from saturating.)"""
     generator = torch.Generator().manual_seed(0)
     conv = torch.nn.Conv2d(24, 40, 3, padding=1)
     torch.nn.init.normal_(conv.weight, std=0.1, generator=generator)
@@ -93,7 +102,7 @@ def test_the_fast_int8_path_projects_the_codes_and_keeps_the_padding_free_levels
                                                                                   monkeypatch):
     """The fast model's int8 ResNet-50 returns uint8 codes that its input projections read in int8 (float32 out):
     the projected levels, group-normalised, within 12 % of the float32 fast path's (measured 7-10 % with these
-    random weights); with PADDING_INVARIANT an image gives the same predictions alone and in a padded batch (the
+    random weights; 20 % with the 7-bit weights of CPUs without VNNI, measured 14 %); with PADDING_INVARIANT an image gives the same predictions alone and in a padded batch (the
     codes padded with code 0, the value 0)."""
     model = randomise_norms(tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32, PADDING_INVARIANT=True))
     small, large = make_batch(dict(height=97, width=129), dict(height=128, width=160), seed=3)
@@ -110,7 +119,7 @@ def test_the_fast_int8_path_projects_the_codes_and_keeps_the_padding_free_levels
         actual, _ = int8.model.project_levels(images)
         for level, (e, a) in enumerate(zip(expected, actual)):
             error = (torch.linalg.norm(a.float() - e.float()) / torch.linalg.norm(e.float())).item()
-            assert error < 0.12, (level, error)
+            assert error < (0.12 if int8_weight_bound() == 127 else 0.2), (level, error)
         alone, batched = int8.predict([small]), int8.predict([small, large])
     torch.testing.assert_close(batched.pred_logits[-1][:1], alone.pred_logits[-1], rtol=0, atol=1e-4)
     torch.testing.assert_close(batched.pred_boxes[-1][:1], alone.pred_boxes[-1], rtol=0, atol=1e-4)
@@ -194,3 +203,28 @@ def test_evaluation_calibrates_on_images_spread_over_the_training_set(tmp_path, 
         assert isinstance(fast.model.backbone, Int8ResNet)
     finally:
         DatasetCatalog.remove(name)
+
+
+def test_every_onednn_instruction_set():
+    """oneDNN's int8 kernels differ by instruction set: with VNNI (and AMX) a product of uint8 by int8 codes is
+    summed in int32, without it (AVX2, AVX-512 before Cascade Lake) each pair of products in int16 first, which
+    saturates for 8-bit weights (codes wrong by up to 17). int8_weight_bound measures which, and the weights take 7
+    bits where they must: the convolutions and ResNet-50's features are then right on each (ONEDNN_MAX_CPU_ISA
+    limits oneDNN in a fresh process)."""
+    script = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, "tests")
+        import pytest
+        from sparse_detr.quantization import int8_weight_bound
+        print("bound", int8_weight_bound())
+        sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_quantization.py",
+                              "-k", "computes_what_its_codes_stand_for or features_stay_near_float"]))
+    """)
+    bounds = {}
+    for isa in ("AVX2", "AVX512_CORE", "AVX512_CORE_VNNI"):
+        run = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=600, env={**os.environ, "ONEDNN_MAX_CPU_ISA": isa, "OMP_NUM_THREADS": "2"})
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        bounds[isa] = int(run.stdout.split("bound ")[1].split()[0])
+    assert bounds["AVX2"] == bounds["AVX512_CORE"] == 63
+    assert bounds["AVX512_CORE_VNNI"] == (127 if "avx512_vnni" in open("/proc/cpuinfo").read() else 63)

@@ -4,7 +4,8 @@ The backbone's convolutions run on 8-bit integers by oneDNN (``torch.ops.onednn.
 PyTorch's compiler emits for its own x86 int8 quantization): weights quantized per output channel (symmetric
 int8), activations per tensor (uint8), their ranges calibrated once, on images given when the model is built
 (:func:`quantize_resnet`), by PyTorch's observers (``HistogramObserver``: the range that minimises the quantization
-error of the values seen, rather than their extremes). With AVX512-VNNI (or AMX-INT8) an int8 multiply-add costs
+error of the values seen, rather than their extremes). On CPUs without VNNI the weights take 7 bits
+(:func:`int8_weight_bound`). With AVX512-VNNI (or AMX-INT8) an int8 multiply-add costs
 half a bf16 one: on the 2-core AMD EPYC, ResNet-50's convolutions ran at 400-470 G multiply-adds a second against
 165-230 in bf16 and 90-115 in float32. The transformer is left to the precision it would have anyway (bf16 where
 the CPU has native bf16, float32 elsewhere).
@@ -21,6 +22,7 @@ Two forms, by what the backbone's batch norms allow:
 The detections are not the float32 path's: 8-bit activations put ResNet-50's features a few per cent from float32's
 (3-4 %, random weights); the README gives the AP it cost on the demo model.
 """
+import functools
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -41,6 +43,28 @@ __all__ = ["Int8Conv", "Int8ResNet", "int8_available", "quantize_projections", "
 def int8_available() -> bool:
     """Whether this PyTorch has oneDNN's int8 convolution (x86 builds with oneDNN)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+
+
+@functools.lru_cache(maxsize=None)
+def int8_weight_bound() -> int:
+    """The largest weight code: 127 where oneDNN's products of uint8 activations by int8 weights are exact (VNNI's
+    and AMX's int32 dot products), 63 where they are not. Without VNNI (AVX2, AVX-512 before Cascade Lake, AMD before
+    Zen 4) oneDNN sums each pair of products in int16 first, which saturates above 32,767 (255 x 127 x 2 = 64,770),
+    and ResNet-50's codes came out wrong by up to 17; weights of 7 bits keep a pair within 255 x 63 x 2 = 32,130.
+    Measured once per process by a convolution whose sum is known (``ONEDNN_MAX_CPU_ISA`` may limit oneDNN below
+    what the CPU has), with 1x1 and 3x3 kernels."""
+    exact = True
+    for kernel in (1, 3):
+        x = torch.full((1, 64, 4, 4), 255, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+        weight = torch.full((16, 64, kernel, kernel), 127, dtype=torch.int8).contiguous(
+            memory_format=torch.channels_last)
+        scales, zero_points = torch.ones(16), torch.zeros(16, dtype=torch.long)
+        geometry = ([1, 1], [0, 0], [1, 1], 1)
+        packed = torch.ops.onednn.qconv_prepack(weight, scales, 1.0, 0, *geometry, list(x.shape))
+        y = torch.ops.onednn.qconv2d_pointwise(x, 1.0, 0, packed, scales, zero_points, None, *geometry, 1.0, 0,
+                                               torch.float32, "none", [], "")
+        exact = exact and bool((y == 64 * kernel * kernel * 255 * 127).all())
+    return 127 if exact else 63
 
 
 class _Range:
@@ -116,10 +140,12 @@ class Int8Conv(nn.Module):
     @torch.no_grad()
     def freeze(self) -> None:
         weight = self.conv.weight.detach().float()
-        observer = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+        bound = int8_weight_bound()
+        observer = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                                            quant_min=-bound, quant_max=bound)
         observer(weight)
         scales = observer.calculate_qparams()[0].float()
-        quantized = torch.clamp(torch.round(weight / scales.view(-1, 1, 1, 1)), -128, 127).to(torch.int8)
+        quantized = torch.clamp(torch.round(weight / scales.view(-1, 1, 1, 1)), -bound, bound).to(torch.int8)
         self.register_buffer("weight", quantized.contiguous(memory_format=torch.channels_last))
         self.register_buffer("weight_scales", scales)
         self.register_buffer("weight_zero_points", torch.zeros_like(scales, dtype=torch.long))
