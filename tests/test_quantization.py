@@ -102,8 +102,8 @@ def test_the_fast_int8_path_projects_the_codes_and_keeps_the_padding_free_levels
                                                                                   monkeypatch):
     """The fast model's int8 ResNet-50 returns uint8 codes that its input projections read in int8 (float32 out):
     the projected levels, group-normalised, within 12 % of the float32 fast path's (measured 7-10 % with these
-    random weights; 20 % with the 7-bit weights of CPUs without VNNI, measured 14 %); with PADDING_INVARIANT an image gives the same predictions alone and in a padded batch (the
-    codes padded with code 0, the value 0)."""
+    random weights; 20 % with the 7-bit weights of CPUs without VNNI, measured 14 %); with PADDING_INVARIANT an
+    image gives the same predictions alone and in a padded batch (the codes padded with code 0, the value 0)."""
     model = randomise_norms(tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32, PADDING_INVARIANT=True))
     small, large = make_batch(dict(height=97, width=129), dict(height=128, width=160), seed=3)
     calibration = make_batch(dict(height=112, width=144), dict(height=128, width=128), seed=4)
