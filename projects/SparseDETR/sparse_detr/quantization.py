@@ -251,8 +251,9 @@ class _Int8Block(nn.Module):
 
 
 class Int8ResNet(nn.Module):
-    """A folded Detectron2 ``ResNet`` on uint8 maps (the module docstring's first form); returns its features
-    dequantized to float32, as the ResNet's ``forward`` names them."""
+    """A folded Detectron2 ``ResNet`` on uint8 maps (the module docstring's first form); returns its features, as the
+    ResNet's ``forward`` names them, dequantized to float32, or as uint8 codes of ``feature_qparams`` once
+    :func:`quantize_projections` has set ``returns_codes``."""
 
     def __init__(self, resnet: ResNet):
         super().__init__()
