@@ -106,6 +106,21 @@ def test_stem_max_pool_falls_back_to_pytorch():
         torch.testing.assert_close(stem_max_pool(other), F.max_pool2d(other, 3, 2, 1), rtol=0, atol=0)
 
 
+def test_stem_max_pool_takes_uint8_codes_with_or_without_the_kernel(monkeypatch):
+    """The int8 backbone's codes: by the kernel, and without it as float32 (PyTorch's own uint8 pool fails on a
+    stem's map at 800x1199)."""
+    codes = torch.randint(0, 256, (1, 64, 40, 60), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    codes = codes.contiguous(memory_format=torch.channels_last)
+    expected = F.max_pool2d(codes.float(), 3, 2, 1).to(torch.uint8)
+    calls = []
+    kernel = torch.ops.sparse_detr_C.max_pool3x3s2
+    monkeypatch.setattr(torch.ops.sparse_detr_C, "max_pool3x3s2", lambda x: calls.append(1) or kernel(x),
+                        raising=False)
+    assert torch.equal(stem_max_pool(codes), expected) and calls == [1]
+    monkeypatch.setattr("sparse_detr.fusion.max_pool_available", lambda: False)
+    assert torch.equal(stem_max_pool(codes), expected) and calls == [1]
+
+
 def test_fast_path_stem_uses_it(tiny_model, monkeypatch):
     """The fused stem calls the kernel, and the fast path's detections are those it gave with PyTorch's pool."""
     model = tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32)

@@ -271,14 +271,17 @@ def max_pool_available() -> bool:
 
 
 def stem_max_pool(x: Tensor) -> Tensor:
-    """``F.max_pool2d(x, 3, 2, 1)``: on the CPU, for a channels-last float32 or bf16 map without autograd, by
-    ``torch.ops.sparse_detr_C.max_pool3x3s2`` (``csrc/max_pool_cpu.cpp``), which gives the same elements without
-    PyTorch's index of every maximum (2-core Xeon, 800x1199, two threads: 8 against 13-29 ms in float32, 6 against
-    15 ms in bf16)."""
-    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
+    """``F.max_pool2d(x, 3, 2, 1)``: on the CPU, for a channels-last float32, bf16 or uint8 map (the int8 backbone's
+    codes, :mod:`sparse_detr.quantization`) without autograd, by ``torch.ops.sparse_detr_C.max_pool3x3s2``
+    (``csrc/max_pool_cpu.cpp``), which gives the same elements without PyTorch's index of every maximum (2-core
+    Xeon, 800x1199, two threads: 8 against 13-29 ms in float32, 6 against 15 ms in bf16). PyTorch's own pool fails
+    on large uint8 maps: elsewhere they are pooled as float32."""
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.uint8) and x.dim() == 4
             and not (x.requires_grad and torch.is_grad_enabled())
             and x.is_contiguous(memory_format=torch.channels_last) and max_pool_available()):
         return torch.ops.sparse_detr_C.max_pool3x3s2(x)
+    if x.dtype == torch.uint8:
+        return F.max_pool2d(x.float(), kernel_size=3, stride=2, padding=1).to(torch.uint8)
     return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
 
 

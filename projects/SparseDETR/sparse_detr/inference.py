@@ -239,7 +239,7 @@ class FastInferenceModel(nn.Module):
             if not calibration:
                 raise ValueError("the int8 path calibrates its activation ranges on images: give calibration inputs "
                                  "(TEST.INT8_CALIBRATION_IMAGES of DATASETS.TRAIN in evaluation)")
-            dtype = torch.bfloat16 if has_native_bf16() else torch.float32
+            dtype = inference_precision("auto", self.model.device)  # the rest's
         self.dtype = dtype
         convolutional = any(isinstance(m, nn.Conv2d) for m in self.model.backbone.modules())
         folded = fold_batch_norms(self.model.backbone)

@@ -34,7 +34,7 @@ from detectron2.layers import Conv2d as D2Conv2d
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet
 
-from .fusion import _block_fusable, _fusable, max_pool_available
+from .fusion import _PackedWeight, _block_fusable, _fusable, stem_max_pool
 
 __all__ = ["Int8Conv", "Int8ResNet", "int8_available", "quantize_projections", "quantize_resnet",
            "quantized_convolutions"]
@@ -104,12 +104,7 @@ def _quantize(x: Tensor, qparams: Tuple[float, int]) -> Tensor:
     return torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, 0, 255).to(torch.uint8)
 
 
-def _dequantize(q: Tensor, qparams: Tuple[float, int]) -> Tensor:
-    scale, zero_point = qparams
-    return q * scale if zero_point == 0 else (q.float() - zero_point) * scale  # one pass where the zero is 0
-
-
-class Int8Conv(nn.Module):
+class Int8Conv(_PackedWeight):
     """``conv`` (a Detectron2 or plain ``nn.Conv2d``, its bias included, any norm or activation left out) in int8:
     ``relu?(conv(x) + bias [+ accumulated])`` on a uint8 input of the calibrated ``input_range``, written as uint8 of
     ``output_range``, or as float32 when that is None.
@@ -158,19 +153,10 @@ class Int8Conv(nn.Module):
     def _packed(self, q: Tensor) -> Tensor:
         # for the input's shape, as oneDNN picks its kernel and the weight layout it reads by that shape: packed for
         # none, ResNet-50's res5 1x1 convolutions took 26-54 ms at 800x1199 instead of 2.5-5 (the AMD EPYC)
-        cache = self.__dict__.setdefault("_packed_weights", {})
-        key = (self.weight.data_ptr(), self.weight._version, tuple(q.shape))
-        if cache.get("key") != key:
-            stride, padding, dilation, groups = self.geometry
-            cache["key"], cache["weight"] = key, torch.ops.onednn.qconv_prepack(
-                self.weight, self.weight_scales, *self.input_qparams, stride, padding, dilation, groups,
-                list(q.shape))
-        return cache["weight"]
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_packed_weights", None)
-        return state
+        stride, padding, dilation, groups = self.geometry
+        return self.packed(self.weight, lambda weight: torch.ops.onednn.qconv_prepack(
+            weight, self.weight_scales, *self.input_qparams, stride, padding, dilation, groups, list(q.shape)),
+            shape=q.shape)
 
     def forward(self, q: Tensor, accumulated: Optional[Tensor] = None,
                 accumulated_qparams: Optional[Tuple[float, int]] = None) -> Tensor:
@@ -191,13 +177,6 @@ class Int8Conv(nn.Module):
             "relu" if self.relu else None, [], "")
 
 
-def _max_pool(q: Tensor) -> Tensor:
-    """The stem's 3x3 max pool of stride 2 on a uint8 map (the largest code is the largest value)."""
-    if max_pool_available():
-        return torch.ops.sparse_detr_C.max_pool3x3s2(q)
-    return F.max_pool2d(q.float(), kernel_size=3, stride=2, padding=1).to(torch.uint8)
-
-
 class _Int8Stem(nn.Module):
     def __init__(self, stem: BasicStem, image_range: _Range):
         super().__init__()
@@ -208,7 +187,7 @@ class _Int8Stem(nn.Module):
         return F.max_pool2d(self.conv1.calibrate(x), kernel_size=3, stride=2, padding=1)
 
     def forward(self, q: Tensor) -> Tensor:
-        return _max_pool(self.conv1(q))
+        return stem_max_pool(self.conv1(q))
 
 
 class _Int8Block(nn.Module):
@@ -289,6 +268,8 @@ class Int8ResNet(nn.Module):
     def freeze(self) -> None:
         self.image_qparams = self.image_range.qparams()
         self.feature_qparams = {name: r.qparams() for name, r in self.feature_ranges.items()}
+        # every feature follows a ReLU: its zero is code 0 (dequantized by a scale alone; the padding value)
+        assert all(zero_point == 0 for _, zero_point in self.feature_qparams.values())
         for module in list(self.modules()):
             if isinstance(module, (Int8Conv, _Int8Block)):
                 module.freeze()
@@ -302,7 +283,7 @@ class Int8ResNet(nn.Module):
             for block in stage:
                 q = block(q)
             if name in self.out_features:
-                outputs[name] = q if self.returns_codes else _dequantize(q, self.feature_qparams[name])
+                outputs[name] = q if self.returns_codes else q * self.feature_qparams[name][0]  # float32
         return outputs
 
 
@@ -320,9 +301,7 @@ def quantize_projections(backbone: Int8ResNet, in_features: List[str], input_pro
                for conv in convs):
         return 0
     for proj, conv, name in zip(input_proj, convs, names):
-        scale, zero_point = backbone.feature_qparams[name]
-        assert zero_point == 0, "a feature after a ReLU has its zero at code 0 (the padding value)"
-        proj[0] = Int8Conv(conv, relu=False, input_range=_Known((scale, zero_point)), output_range=None)
+        proj[0] = Int8Conv(conv, relu=False, input_range=_Known(backbone.feature_qparams[name]), output_range=None)
         proj[0].freeze()
     backbone.returns_codes = True
     return len(convs)

@@ -54,8 +54,8 @@ from .tables import cpu_line
 from .timing import Timing, image_batch, precision, take_turns
 
 __all__ = ["ATTENTION_KEY", "MALLOC_KEY", "MATMUL_KEY", "WINOGRAD_KEY", "SIZES", "STEPS", "Ratio", "Run", "Side",
-           "ab_benchmark", "ab_ratio", "ab_runs", "ab_table", "build_side", "inference_batches", "parse_overrides", "side_keys",
-           "training_batch", "training_batches", "turn_image_sizes"]
+           "ab_benchmark", "ab_ratio", "ab_runs", "ab_table", "build_side", "inference_batches", "parse_overrides",
+           "side_keys", "training_batch", "training_batches", "turn_image_sizes"]
 
 logger = logging.getLogger(__name__)
 
