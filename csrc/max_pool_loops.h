@@ -2,9 +2,7 @@
 // `#pragma GCC target`): GCC's vector extensions below become one AVX-512 register (the comparisons in mask
 // registers) only in code compiled for it, which an inlined generic helper is not.
 
-typedef float Floats __attribute__((vector_size(kLanes * sizeof(float))));
-typedef uint32_t Words __attribute__((vector_size(kLanes * sizeof(uint32_t))));
-typedef uint16_t Halves __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+#include "vector_loads.h"  // Floats, Words, Halves; load() of float32 and bf16
 typedef uint8_t Codes __attribute__((vector_size(64)));  // uint8 maps: 64 channels at once, compared as bytes
 
 // The vector a map's elements are compared in: float32 (bf16 widened) 16 channels at a time, uint8 codes 64.
@@ -21,19 +19,6 @@ struct Vector<uint8_t> {
   static type lowest() { return Codes{}; }
 };
 
-inline Floats load(const float* from) {
-  Floats v;
-  std::memcpy(&v, from, sizeof(v));
-  return v;
-}
-inline Floats load(const uint16_t* from) {
-  Halves h;
-  std::memcpy(&h, from, sizeof(h));
-  const Words w = __builtin_convertvector(h, Words) << 16;
-  Floats v;
-  std::memcpy(&v, &w, sizeof(v));
-  return v;
-}
 inline Codes load(const uint8_t* from) {
   Codes v;
   std::memcpy(&v, from, sizeof(v));

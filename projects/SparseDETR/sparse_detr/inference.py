@@ -48,7 +48,7 @@ from detectron2.layers import Conv2d as D2Conv2d
 from .fusion import WinogradConv, cpu_vendor, fuse_resnet, pack_convolutions, pack_linears
 from .layers import MSDeformAttn
 from .meta_arch import SparseDETR
-from .quantization import Int8ResNet, quantize_projections, quantize_resnet, quantized_convolutions
+from .quantization import Int8ResNet, quantize_linears, quantize_projections, quantize_resnet, quantized_convolutions
 from .transformer import TransformerOutput
 
 __all__ = ["FastInferenceModel", "build_inference_model", "calibration_inputs", "cpu_description",
@@ -273,14 +273,24 @@ class FastInferenceModel(nn.Module):
                         sequence[index] = CenteredGroupNorm.of(module)
         if dtype == torch.bfloat16:
             _to_bfloat16(self.model)
+        linears = []
+        if self.int8:  # the encoder's linear layers, calibrated on the model's own activations
+            linears = quantize_linears(self.model.transformer)
+            # (the encoder's value projections then have no float weight to apply to samples)
+            self.model.transformer.encoder_values_after_sampling = False
+            for item in calibration:
+                self.predict([item])
+            for linear in linears:
+                linear.freeze()
         if fuse:  # in float32 with MKL only the layers over many tokens take oneDNN (fusion.PACKED_FLOAT32_MIN_ROWS)
             fused += pack_linears(self.model.transformer)
         super().train(False)
         if self.int8:
             logger.info("fast inference: the backbone in int8 (%d convolutions, calibrated on %d images; %d input "
-                        "projections reading its uint8 maps), the rest in %s; %d batch norms folded, %d convolutions "
-                        "and linear layers packed", quantized_convolutions(self.model.backbone), len(calibration),
-                        quantized_convolutions(self.model.input_proj), dtype, folded, fused)
+                        "projections reading its uint8 maps) and %d linear layers of the encoder, the rest in %s; %d "
+                        "batch norms folded, %d convolutions and linear layers packed",
+                        quantized_convolutions(self.model.backbone), len(calibration),
+                        quantized_convolutions(self.model.input_proj), len(linears), dtype, folded, fused)
             return
         winograd = [m for m in self.model.modules() if isinstance(m, WinogradConv)]
         how = f" F({winograd[0].tile}x{winograd[0].tile}, 3x3) with {winograd[0].products} products" if winograd else ""

@@ -416,8 +416,8 @@ class SparseDeformableTransformer(nn.Module):
             # expanded index copied all S rows twice (at 800x1199, 18 ms of 6 layers' 20k x 256 tokens)
             memory = memory.clone(memory_format=torch.contiguous_format)
         values = attended = self._shared_values(memory)
-        if (in_place and self.project_values_after_sampling and flat.value_mask is None
-                and values.dtype == torch.float32):
+        if (in_place and self.project_values_after_sampling and self.encoder_values_after_sampling
+                and flat.value_mask is None and values.dtype == torch.float32):
             # the largest levels sampled before projecting where that costs less (float32: in bf16 the projection
             # runs at twice the rate, and sampling the encoder's level 0 first gained nothing measurable); the
             # values are the memory itself, updated in place below (nothing padded, so nothing to zero)
@@ -480,6 +480,9 @@ class SparseDeformableTransformer(nn.Module):
     # cross-attentions sample the memory before projecting it (MSDeformAttn._sample_then_project) when that costs
     # fewer multiply-adds.
     project_values_after_sampling = False
+    # and the encoder's too, unless this is False (the int8 path's encoder, whose value projections have no float
+    # weight to apply to samples)
+    encoder_values_after_sampling = True
 
     def _decode(self, flat: FlatFeatures, memory, values, tgt, query_pos, reference, out: TransformerOutput,
                 detections_only: bool = False):

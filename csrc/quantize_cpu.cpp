@@ -1,0 +1,90 @@
+// Quantizing activations to uint8 on the CPU, for the int8 path's linear layers (projects/SparseDETR/sparse_detr/
+// quantization.py):
+//
+//   sparse_detr_C::quantize_uint8(input, scale, zero_point) -> output
+//
+// input float32 or bfloat16, any shape; output uint8 of its shape and memory format (channels-last stays so),
+// clamp(round(input * (1 / scale)) + zero_point, 0, 255) with round half to even: torch's ops composed give the same
+// codes (tested) in four passes over the tensor and three temporaries, this in one (at 800x1199, the sparse
+// encoder's 20k x 256 values: 3.1 ms against ~0.5, two threads of the AMD EPYC).
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "ms_deform_attn.h"
+
+namespace sparse_detr {
+namespace {
+
+constexpr int64_t kLanes = 16;  // one AVX-512 vector of float32
+
+struct Affine {
+  float inverse_scale, low, high, zero_point;  // low, high: the codes' bounds less the zero point
+};
+
+inline float as_float(float x) { return x; }
+inline float as_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float x;
+  std::memcpy(&x, &wide, sizeof(x));
+  return x;
+}
+
+#define ISA_VARIANT_LOOPS "quantize_loops.h"
+#include "isa_variants.h"
+
+template <typename T>
+using Loop = void (*)(const T*, uint8_t*, const Affine&, int64_t, int64_t);
+
+// The variant of ATen's CPU capability (ATEN_CPU_CAPABILITY=default|avx2|avx512 picks another).
+template <typename T>
+Loop<T> loop() {
+#ifdef SPARSE_DETR_X86_VARIANTS
+  const std::string capability = at::get_cpu_capability();
+  if (capability == "AVX512") {
+    return &avx512::quantize_elements<T>;
+  }
+  if (capability == "AVX2") {
+    return &avx2::quantize_elements<T>;
+  }
+#endif
+  return &generic::quantize_elements<T>;
+}
+
+at::Tensor quantize_uint8(const at::Tensor& input, double scale, int64_t zero_point) {
+  TORCH_CHECK(input.device().is_cpu() && (input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16),
+              "quantize_uint8: input must be a float32 or bfloat16 CPU tensor, got ", input.scalar_type(), " on ",
+              input.device());
+  TORCH_CHECK(scale > 0 && zero_point >= 0 && zero_point <= 255,
+              "quantize_uint8: scale must be positive and zero_point in [0, 255], got ", scale, " and ", zero_point);
+  // elementwise: in the input's memory format (a channels-last map stays so), the same layout for both
+  const at::Tensor in = input.contiguous(input.suggest_memory_format());
+  at::Tensor output = at::empty_like(in, in.options().dtype(at::kByte));
+  const float zero = static_cast<float>(zero_point);
+  const Affine affine{static_cast<float>(1.0 / scale), -zero, 255.0f - zero, zero};
+  const int64_t count = in.numel();
+  constexpr int64_t grain = 1 << 16;
+  uint8_t* to = output.data_ptr<uint8_t>();
+  if (input.scalar_type() == at::kFloat) {
+    const Loop<float> quantize = loop<float>();
+    const float* from = in.data_ptr<float>();
+    at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) { quantize(from, to, affine, begin, end); });
+  } else {
+    const Loop<uint16_t> quantize = loop<uint16_t>();
+    const uint16_t* from = reinterpret_cast<const uint16_t*>(in.data_ptr<at::BFloat16>());
+    at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) { quantize(from, to, affine, begin, end); });
+  }
+  return output;
+}
+
+}  // namespace
+}  // namespace sparse_detr
+
+TORCH_LIBRARY_FRAGMENT(MSDA_LIBRARY, m) { m.def("quantize_uint8(Tensor input, float scale, int zero_point) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(MSDA_LIBRARY, CPU, m) { m.impl("quantize_uint8", &sparse_detr::quantize_uint8); }
