@@ -6,7 +6,8 @@
 // input float32 or bfloat16, any shape; output uint8 of its shape and memory format (channels-last stays so),
 // clamp(round(input * (1 / scale)) + zero_point, 0, 255) with round half to even: torch's ops composed give the same
 // codes (tested) in four passes over the tensor and three temporaries, this in one (at 800x1199, the sparse
-// encoder's 20k x 256 values: 3.1 ms against ~0.5, two threads of the AMD EPYC).
+// encoder's 20k x 256 values: 0.35 against 3.5 ms in float32, 0.42 against 3.2 in bf16, fastest of 30, two
+// threads of the AMD EPYC, freed memory kept).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>

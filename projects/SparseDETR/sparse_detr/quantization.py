@@ -1,4 +1,4 @@
-"""An int8 ResNet backbone for inference on the CPU (``TEST.PRECISION int8``, opt-in).
+"""An int8 ResNet backbone and int8 encoder layers for inference on the CPU (``TEST.PRECISION int8``, opt-in).
 
 The backbone's convolutions run on 8-bit integers by oneDNN (``torch.ops.onednn.qconv2d_pointwise``, the op
 PyTorch's compiler emits for its own x86 int8 quantization): weights quantized per output channel (symmetric
@@ -7,8 +7,13 @@ int8), activations per tensor (uint8), their ranges calibrated once, on images g
 error of the values seen, rather than their extremes). On CPUs without VNNI the weights take 7 bits
 (:func:`int8_weight_bound`). With AVX512-VNNI (or AMX-INT8) an int8 multiply-add costs
 half a bf16 one: on the 2-core AMD EPYC, ResNet-50's convolutions ran at 400-470 G multiply-adds a second against
-165-230 in bf16 and 90-115 in float32. The transformer is left to the precision it would have anyway (bf16 where
-the CPU has native bf16, float32 elsewhere).
+165-230 in bf16 and 90-115 in float32.
+
+The transformer's linear layers over the most rows, the sparse encoder's and those over every token
+(:func:`quantize_linears`), become :class:`Int8Linear` (``torch.ops.onednn.qlinear_pointwise``), calibrated on the
+model's own activations; the value projection of 20k tokens took 3.3 against 6.3 ms in bf16 (800x1199, the EPYC).
+The rest of the transformer keeps the precision it would have anyway (bf16 where the CPU has native bf16, float32
+elsewhere).
 
 Two forms, by what the backbone's batch norms allow:
 
@@ -20,7 +25,8 @@ Two forms, by what the backbone's batch norms allow:
   convolves in int8 and returns float32, its norm and activation then applied as before.
 
 The detections are not the float32 path's: 8-bit activations put ResNet-50's features a few per cent from float32's
-(3-4 %, random weights); the README gives the AP it cost on the demo model.
+(3-4 %, random weights), and a linear layer's output about 1 % from its float layer's; the README gives the AP it
+cost on the demo model.
 """
 import functools
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -37,8 +43,8 @@ from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResN
 from .fusion import _PackedWeight, _block_fusable, _fusable, stem_max_pool
 from .layers.ms_deform_attn import compiled_kernels_available
 
-__all__ = ["Int8Conv", "Int8ResNet", "int8_available", "quantize_projections", "quantize_resnet",
-           "quantized_convolutions"]
+__all__ = ["Int8Conv", "Int8Linear", "Int8ResNet", "int8_available", "quantize", "quantize_available",
+           "quantize_linears", "quantize_projections", "quantize_resnet", "quantized_convolutions"]
 
 
 def int8_available() -> bool:
@@ -76,7 +82,13 @@ class _Range:
         self.seen = False
 
     def observe(self, x: Tensor) -> Tensor:
-        self.observer(x.detach().float())
+        values = x.detach().float()
+        # its elements in memory order, a view where they are dense: the histogram needs no order, and the
+        # observer's aminmax and histc copied a channels-last map whole (3.6 s of 10 calibrating ResNet-50 on two
+        # 800x1199 images, the AMD EPYC)
+        if values.dim() == 4 and values.is_contiguous(memory_format=torch.channels_last):
+            values = values.permute(0, 2, 3, 1)
+        self.observer(values.reshape(-1))
         self.seen = True
         return x
 
@@ -103,7 +115,8 @@ class _Known(_Range):
 def quantize(x: Tensor, qparams: Tuple[float, int]) -> Tensor:
     """The uint8 codes of ``x`` (float32 or bf16) in ``qparams`` (scale, zero point): round(x / scale) + zero point,
     clamped to [0, 255]. On the CPU by ``torch.ops.sparse_detr_C.quantize_uint8`` (``csrc/quantize_cpu.cpp``: one
-    pass, where torch's ops take four; at 800x1199, 20k tokens x 256: 0.4 against 3 ms), the same codes."""
+    pass, where torch's ops take four; at 800x1199, 20k tokens x 256: 0.35-0.42 against 3.2-3.5 ms), the same
+    codes."""
     scale, zero_point = qparams
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and quantize_available():
         return torch.ops.sparse_detr_C.quantize_uint8(x, scale, zero_point)
@@ -430,9 +443,11 @@ class Int8Linear(_PackedWeight):
 
 
 def quantize_linears(transformer: nn.Module) -> List[Int8Linear]:
-    """Make the sparse encoder's linear layers (each layer's value and output projections and feed-forward network)
-    :class:`Int8Linear`, in place; returns them, calibrating (run the model on the calibration images, then
-    ``freeze`` each)."""
+    """Make the transformer's linear layers over the most rows :class:`Int8Linear`, in place: each encoder layer's
+    value projection (every token), output projection and feed-forward pair (its queries: every token, or the kept
+    ones), and those over every token before the encoder, the two-stage head's ``enc_output`` and the scoring
+    network's first three layers (its last, whose scores top-k ranks, stays). Returns them, calibrating: run the
+    model on the calibration images, then ``freeze`` each. The decoder's (300 queries) stay."""
     converted = []
     places = []
     for layer in transformer.encoder.layers:
