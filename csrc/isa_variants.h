@@ -3,7 +3,7 @@
 // `avx2` (AVX2 + FMA) and `avx512` (AVX-512) under `#pragma GCC target`, which SPARSE_DETR_X86_VARIANTS then marks.
 // GCC's vector extensions in the loops become one register of the instruction set only in code compiled for it (a
 // generic helper inlined into a target function keeps its vectors split into scalars). Included once per source file
-// (max_pool_cpu.cpp, winograd_cpu.cpp), after the definitions the loops use.
+// (max_pool_cpu.cpp, quantize_cpu.cpp, winograd_cpu.cpp), after the definitions the loops use.
 #ifndef ISA_VARIANT_LOOPS
 #error "define ISA_VARIANT_LOOPS as the header of loops to include"
 #endif
@@ -29,3 +29,14 @@ namespace avx512 {
 #pragma GCC pop_options
 #endif
 #pragma GCC diagnostic pop
+
+// ISA_VARIANT(f): the address of the loops' function f (template arguments included) in the variant of ATen's CPU
+// capability (ATEN_CPU_CAPABILITY=default|avx2|avx512 picks another); generic's where there are no variants.
+#ifdef SPARSE_DETR_X86_VARIANTS
+#define ISA_VARIANT(f)                                 \
+  (at::get_cpu_capability() == "AVX512" ? &avx512::f \
+   : at::get_cpu_capability() == "AVX2" ? &avx2::f   \
+                                        : &generic::f)
+#else
+#define ISA_VARIANT(f) (&generic::f)
+#endif

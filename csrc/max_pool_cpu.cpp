@@ -33,14 +33,7 @@ struct Shape {
   int64_t height, width, channels, out_height, out_width;
 };
 
-inline float as_float(float x) { return x; }
-inline float as_float(uint16_t bits) {
-  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float x;
-  std::memcpy(&x, &wide, sizeof(x));
-  return x;
-}
-inline float as_float(uint8_t x) { return x; }
+#include "scalar_floats.h"  // as_float
 inline void put(float* to, float x) { *to = x; }
 inline void put(uint8_t* to, float x) { *to = static_cast<uint8_t>(x); }  // x is one of the uint8 inputs
 inline void put(uint16_t* to, float x) {
@@ -55,19 +48,9 @@ inline void put(uint16_t* to, float x) {
 template <typename T>
 using Loop = void (*)(const T*, T*, const Shape&, int64_t, int64_t);
 
-// The variant of ATen's CPU capability (ATEN_CPU_CAPABILITY=default|avx2|avx512 picks another).
 template <typename T>
 Loop<T> loop() {
-#ifdef SPARSE_DETR_X86_VARIANTS
-  const std::string capability = at::get_cpu_capability();
-  if (capability == "AVX512") {
-    return &avx512::pool_rows<T>;
-  }
-  if (capability == "AVX2") {
-    return &avx2::pool_rows<T>;
-  }
-#endif
-  return &generic::pool_rows<T>;
+  return ISA_VARIANT(pool_rows<T>);
 }
 
 at::Tensor max_pool3x3s2(const at::Tensor& input) {

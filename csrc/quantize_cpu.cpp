@@ -28,13 +28,7 @@ struct Affine {
   float inverse_scale, low, high, zero_point;  // low, high: the codes' bounds less the zero point
 };
 
-inline float as_float(float x) { return x; }
-inline float as_float(uint16_t bits) {
-  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float x;
-  std::memcpy(&x, &wide, sizeof(x));
-  return x;
-}
+#include "scalar_floats.h"  // as_float
 
 #define ISA_VARIANT_LOOPS "quantize_loops.h"
 #include "isa_variants.h"
@@ -42,19 +36,9 @@ inline float as_float(uint16_t bits) {
 template <typename T>
 using Loop = void (*)(const T*, uint8_t*, const Affine&, int64_t, int64_t);
 
-// The variant of ATen's CPU capability (ATEN_CPU_CAPABILITY=default|avx2|avx512 picks another).
 template <typename T>
 Loop<T> loop() {
-#ifdef SPARSE_DETR_X86_VARIANTS
-  const std::string capability = at::get_cpu_capability();
-  if (capability == "AVX512") {
-    return &avx512::quantize_elements<T>;
-  }
-  if (capability == "AVX2") {
-    return &avx2::quantize_elements<T>;
-  }
-#endif
-  return &generic::quantize_elements<T>;
+  return ISA_VARIANT(quantize_elements<T>);
 }
 
 at::Tensor quantize_uint8(const at::Tensor& input, double scale, int64_t zero_point) {

@@ -113,6 +113,9 @@ def test_the_quantization_kernel_gives_torchs_codes(dtype, monkeypatch):
         expected = torch.clamp(torch.round(x.float() * (1.0 / scale)) + zero_point, 0, 255).to(torch.uint8)
         codes = quantize(x, (scale, zero_point))
         assert codes.is_contiguous(memory_format=torch.channels_last) and torch.equal(codes, expected)
+    big = (torch.randn(300_001, generator=torch.Generator().manual_seed(1)) * 10).to(dtype)  # threads' chunks, a tail
+    assert torch.equal(quantize(big, (0.1, 100)), torch.clamp(torch.round(big.float() * 10.0) + 100, 0, 255).to(
+        torch.uint8))
     assert quantize(x, (0.25, 0)).flatten()[:8].tolist() == [0, 2, 2, 0, 0, 255, 0, 0]
     assert quantize(x, (0.25, 128)).flatten()[:8].tolist() == [128, 130, 130, 128, 126, 255, 0, 128]
     monkeypatch.setattr("sparse_detr.quantization.quantize_available", lambda: False)
@@ -121,6 +124,16 @@ def test_the_quantization_kernel_gives_torchs_codes(dtype, monkeypatch):
         torch.ops.sparse_detr_C.quantize_uint8(torch.ones(3, dtype=torch.int32), 1.0, 0)
     with pytest.raises(RuntimeError, match="scale must be positive and zero_point in"):
         torch.ops.sparse_detr_C.quantize_uint8(x, 0.0, 0)
+
+
+def test_the_quantization_kernel_on_every_instruction_set():
+    """Its loops are compiled for any x86-64, AVX2 and AVX-512; ATEN_CPU_CAPABILITY picks one per process."""
+    for capability in ("default", "avx2"):
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_quantization.py", "-k",
+                   "quantization_kernel_gives"]
+        run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": "2"})
+        assert run.returncode == 0 and "2 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
 
 
 def test_int8_resnet_50_features_stay_near_float(tiny_model):
