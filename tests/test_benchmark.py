@@ -220,7 +220,7 @@ def test_an_ab_side_can_run_the_int8_backbone():
     runs = ab_runs(sides, "inference", (HEIGHT, WIDTH), batch_size=1, device=torch.device("cpu"))
     int8 = runs["A"].module
     assert isinstance(int8, FastInferenceModel) and int8.int8
-    assert runs["A"].path == f"fast, int8 backbone and encoder, {str(int8.dtype).split('.')[-1]}"
+    assert runs["A"].path == f"fast, int8 backbone and linear layers, {str(int8.dtype).split('.')[-1]}"
     assert any(isinstance(m, Int8Conv) for m in int8.modules())
     with torch.no_grad():
         a, b = (runs[label].call()[0]["instances"] for label in "AB")

@@ -30,8 +30,8 @@ same detections faster; the model itself (its modules, state dict and checkpoint
   once for all of them (``SparseDeformableTransformer._shared_values``);
 * the ResNet stem's max pool runs by ``torch.ops.sparse_detr_C.max_pool3x3s2``
   (:func:`~sparse_detr.fusion.stem_max_pool`), which does not write PyTorch's index of every maximum;
-* in int8 (``TEST.PRECISION int8``, opt-in, never "auto"), the ResNet backbone's convolutions and the encoder's
-  linear layers run on 8-bit integers (:mod:`sparse_detr.quantization`), their activation ranges calibrated on
+* in int8 (``TEST.PRECISION int8``, opt-in, never "auto"), the ResNet backbone's convolutions and most of the
+  transformer's linear layers run on 8-bit integers (:mod:`sparse_detr.quantization`), their activation ranges calibrated on
   images of ``DATASETS.TRAIN`` (:func:`calibration_inputs`), and the rest as "auto" runs it; not the float32
   detections (the README gives the AP it cost).
 """
@@ -226,9 +226,9 @@ class FastInferenceModel(nn.Module):
 
     def __init__(self, model: SparseDETR, dtype: torch.dtype = torch.float32, fuse: bool = True,
                  calibration: Optional[List[Dict]] = None):
-        """``dtype``: float32, bfloat16, or int8 (:mod:`sparse_detr.quantization`: the ResNet backbone and the
-        encoder's linear layers in int8, their activation ranges calibrated on ``calibration``, model inputs as
-        ``forward`` takes them; the rest in bfloat16 on a CPU with native bf16, float32 elsewhere)."""
+        """``dtype``: float32, bfloat16, or int8 (:mod:`sparse_detr.quantization`: the ResNet backbone and most of
+        the transformer's linear layers in int8, their activation ranges calibrated on ``calibration``, model inputs
+        as ``forward`` takes them; the rest in bfloat16 on a CPU with native bf16, float32 elsewhere)."""
         super().__init__()
         if dtype not in (torch.float32, torch.bfloat16, torch.int8):
             raise ValueError(f"the fast inference path runs in float32, bfloat16 or int8, got {dtype}")
@@ -274,7 +274,7 @@ class FastInferenceModel(nn.Module):
         if dtype == torch.bfloat16:
             _to_bfloat16(self.model)
         linears = []
-        if self.int8:  # the encoder's linear layers, calibrated on the model's own activations
+        if self.int8:  # the transformer's linear layers, calibrated on the model's own activations
             linears = quantize_linears(self.model.transformer)
             # (the encoder's value projections then have no float weight to apply to samples)
             self.model.transformer.encoder_values_after_sampling = False

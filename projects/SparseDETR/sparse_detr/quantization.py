@@ -1,4 +1,4 @@
-"""An int8 ResNet backbone and int8 encoder layers for inference on the CPU (``TEST.PRECISION int8``, opt-in).
+"""An int8 ResNet backbone and int8 linear layers for inference on the CPU (``TEST.PRECISION int8``, opt-in).
 
 The backbone's convolutions run on 8-bit integers by oneDNN (``torch.ops.onednn.qconv2d_pointwise``, the op
 PyTorch's compiler emits for its own x86 int8 quantization): weights quantized per output channel (symmetric
@@ -9,11 +9,10 @@ error of the values seen, rather than their extremes). On CPUs without VNNI the 
 half a bf16 one: on the 2-core AMD EPYC, ResNet-50's convolutions ran at 400-470 G multiply-adds a second against
 165-230 in bf16 and 90-115 in float32.
 
-The transformer's linear layers over the most rows, the sparse encoder's and those over every token
-(:func:`quantize_linears`), become :class:`Int8Linear` (``torch.ops.onednn.qlinear_pointwise``), calibrated on the
-model's own activations; the value projection of 20k tokens took 3.3 against 6.3 ms in bf16 (800x1199, the EPYC).
-The rest of the transformer keeps the precision it would have anyway (bf16 where the CPU has native bf16, float32
-elsewhere).
+The transformer's linear layers but those that place the samples or make the boxes (:func:`quantize_linears`)
+become :class:`Int8Linear` (``torch.ops.onednn.qlinear_pointwise``), calibrated on the model's own activations; the
+value projection of 20k tokens took 3.3 against 6.3 ms in bf16 (800x1199, the EPYC). The rest of the transformer
+keeps the precision it would have anyway (bf16 where the CPU has native bf16, float32 elsewhere).
 
 Two forms, by what the backbone's batch norms allow:
 
@@ -403,14 +402,15 @@ def quantize_resnet(backbone: nn.Module, images: Iterable[Tensor]) -> nn.Module:
 class Int8Linear(_PackedWeight):
     """``linear`` on 8-bit integers: its input quantized as uint8 (per tensor, the range calibrated), its weight per
     output channel (symmetric), the product and the bias by oneDNN (``torch.ops.onednn.qlinear_pointwise``), the
-    output in the dtype the float layer would give (bf16 under the fast path's autocast, else the input's).
+    output in the dtype the float layer would give (bf16 under the fast path's autocast, else the input's), or in
+    float32 with ``float_output`` (a head whose scores are ranked).
 
     Calibrating (``calibrating``, from construction until :meth:`freeze`) it runs the float layer and records its
     input's range. The weight is reordered for oneDNN at the first call (a cache, as :class:`Int8Conv`'s)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, float_output: bool = False):
         super().__init__()
-        self.linear = linear
+        self.linear, self.float_output = linear, float_output
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.input_range = _Range()
         self.calibrating = True
@@ -429,9 +429,15 @@ class Int8Linear(_PackedWeight):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.calibrating:
-            return self.linear(self.input_range.observe(x))
+            self.input_range.observe(x)
+            if self.float_output:
+                with torch.autocast(x.device.type, enabled=False):
+                    return F.linear(x.float(), self.linear.weight.float(), self.linear.bias.float())
+            return self.linear(x)
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        if self.float_output:
+            out_dtype = torch.float32
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features, dtype=out_dtype)
@@ -443,11 +449,14 @@ class Int8Linear(_PackedWeight):
 
 
 def quantize_linears(transformer: nn.Module) -> List[Int8Linear]:
-    """Make the transformer's linear layers over the most rows :class:`Int8Linear`, in place: each encoder layer's
-    value projection (every token), output projection and feed-forward pair (its queries: every token, or the kept
-    ones), and those over every token before the encoder, the two-stage head's ``enc_output`` and the scoring
-    network's first three layers (its last, whose scores top-k ranks, stays). Returns them, calibrating: run the
-    model on the calibration images, then ``freeze`` each. The decoder's (300 queries) stay."""
+    """Make the transformer's linear layers :class:`Int8Linear`, in place, but for those that place the samples or
+    make the boxes: each encoder layer's value projection (every token), output projection and feed-forward pair
+    (its queries: every token, or the kept ones); those over every token, the two-stage head's ``enc_output`` and
+    class head (float32 logits) and the scoring network's first three layers (its last, whose scores top-k ranks,
+    stays); each decoder layer's output projection and feed-forward pair. Left in float: the sampling offsets and
+    attention weights, the decoder's value projections (applied to samples: ``project_values_after_sampling``) and
+    self-attention, the box heads, the decoder's class heads. Returns them, calibrating: run the model on the
+    calibration images, then ``freeze`` each."""
     converted = []
     places = []
     for layer in transformer.encoder.layers:
@@ -458,11 +467,21 @@ def quantize_linears(transformer: nn.Module) -> List[Int8Linear]:
     if hasattr(transformer, "enc_mask_predictor"):  # (its last layer, whose scores top-k ranks, is left)
         scorer = transformer.enc_mask_predictor
         places += [(scorer.layer1, "1"), (scorer.layer2, "0"), (scorer.layer2, "2")]
+    for layer in transformer.decoder.layers:
+        places += [(layer.cross_attn, "output_proj"), (layer, "linear1"), (layer, "linear2")]
     for parent, name in places:
         child = getattr(parent, name)
         if type(child) is nn.Linear:
             setattr(parent, name, Int8Linear(child))
             converted.append(getattr(parent, name))
+    if transformer.two_stage and transformer.separate_heads:
+        # the two-stage class head, over every token (its own, unlike the decoder's): float32 logits, as the
+        # objectness that top-k ranks has them (unwrapped from the float32 wrapper of a bf16 rest)
+        heads, index = transformer.class_embed, transformer.num_decoder_layers
+        head = getattr(heads[index], "module", heads[index])
+        if type(head) is nn.Linear:
+            heads[index] = Int8Linear(head, float_output=True)
+            converted.append(heads[index])
     return converted
 
 

@@ -55,7 +55,7 @@ def evaluation_path(cfg, model: torch.nn.Module, device: torch.device) -> Evalua
         short = cfg.INPUT.MIN_SIZE_TEST
         image = random_image(short, min(cfg.INPUT.MAX_SIZE_TEST, short * 3 // 2), seed=0).to(device)
         fast = FastInferenceModel(model, dtype, calibration=[{"image": image}])
-        return EvaluationPath(fast, dtype, f"fast, int8 backbone and encoder, {str(fast.dtype).split('.')[-1]}")
+        return EvaluationPath(fast, dtype, f"fast, int8 backbone and linear layers, {str(fast.dtype).split('.')[-1]}")
     return EvaluationPath(FastInferenceModel(model, dtype), dtype, f"fast, {str(dtype).split('.')[-1]}")
 
 
