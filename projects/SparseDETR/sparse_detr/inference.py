@@ -31,9 +31,9 @@ same detections faster; the model itself (its modules, state dict and checkpoint
 * the ResNet stem's max pool runs by ``torch.ops.sparse_detr_C.max_pool3x3s2``
   (:func:`~sparse_detr.fusion.stem_max_pool`), which does not write PyTorch's index of every maximum;
 * in int8 (``TEST.PRECISION int8``, opt-in, never "auto"), the ResNet backbone's convolutions and most of the
-  transformer's linear layers run on 8-bit integers (:mod:`sparse_detr.quantization`), their activation ranges calibrated on
-  images of ``DATASETS.TRAIN`` (:func:`calibration_inputs`), and the rest as "auto" runs it; not the float32
-  detections (the README gives the AP it cost).
+  transformer's linear layers run on 8-bit integers (:mod:`sparse_detr.quantization`), their activation ranges
+  calibrated on images of ``DATASETS.TRAIN`` (:func:`calibration_inputs`), and the rest as "auto" runs it; not the
+  float32 detections (the README gives the AP it cost).
 """
 import copy
 import logging
