@@ -203,6 +203,30 @@ def test_the_fast_int8_path_projects_the_codes_and_keeps_the_padding_free_levels
     torch.testing.assert_close(batched.pred_boxes[-1][:1], alone.pred_boxes[-1], rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("config", ["deformable_detr_r50.yaml", "deformable_detr_r50_bbr_two_stage.yaml",
+                                    "efficient_detr_r50.yaml", "sparse_detr_r50_rho0.1.yaml"])
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16_rest", "float32_rest"])
+def test_int8_on_every_resnet_family_stays_near_float32(config, native_bf16, tiny_model, make_batch, monkeypatch):
+    """Each ResNet family (dense encoder, two-stage with box refinement, Efficient DETR, the sparse encoder), with
+    a bf16 or a float32 rest: the linear layers of each part the family has are int8, and a padded batch's top
+    scores stay within 0.05 of the float32 fast path's (random weights; measured at most 0.008)."""
+    monkeypatch.setattr("sparse_detr.inference.has_native_bf16", lambda: native_bf16)
+    model = tiny_model(config, dtype=torch.float32)
+    calibration = make_batch(dict(height=96, width=128), dict(height=128, width=96), seed=5)
+    int8 = FastInferenceModel(model, torch.int8, calibration=calibration)
+    assert int8.dtype == (torch.bfloat16 if native_bf16 else torch.float32)
+    transformer = int8.model.transformer
+    expected = 4 * len(transformer.encoder.layers) + 3 * len(transformer.decoder.layers)
+    expected += hasattr(transformer, "enc_output") + 3 * hasattr(transformer, "enc_mask_predictor")
+    expected += transformer.two_stage and transformer.separate_heads
+    assert sum(isinstance(m, Int8Linear) for m in transformer.modules()) == expected
+    batch = make_batch(dict(height=100, width=120), dict(height=80, width=128), seed=6)
+    with torch.no_grad():
+        actual, reference = int8(batch), FastInferenceModel(model, torch.float32)(batch)
+    for a, r in zip(actual, reference):
+        torch.testing.assert_close(a["instances"].scores[:10], r["instances"].scores[:10], rtol=0, atol=0.05)
+
+
 INT8_SCORE_ATOL = 0.05  # a detection's score, int8 against float32
 INT8_MIN_IOU = 0.9
 INT8_MARGIN = 0.05
