@@ -189,7 +189,8 @@ def test_the_fast_int8_path_projects_the_codes_and_keeps_the_padding_free_levels
     # the encoder's value projections cannot) and self-attention
     assert int8_linears == expected
     assert transformer.class_embed[len(transformer.decoder.layers)].float_output
-    assert transformer.project_values_after_sampling and not transformer.encoder_values_after_sampling
+    assert transformer.project_values_after_sampling and transformer.decoder.layers[0].cross_attn.projects_samples
+    assert not any(layer.self_attn.projects_samples for layer in transformer.encoder.layers)
     with torch.no_grad():
         images = int8.model.preprocess_image([large])
         assert all(f.dtype == torch.uint8 for f in int8.model.backbone(images.tensor).values())

@@ -117,10 +117,10 @@ def add_sparse_detr_config(cfg):
     # locations, attention softmax, box and class heads and the token scores that top-k ranks stay in
     # float32), "auto": bfloat16 on CPUs with native bf16 (AMX or AVX512-BF16), float32 elsewhere, or "int8".
     cfg.TEST.PRECISION = "auto"
-    # "int8" (opt-in, CPU, ResNet backbones; sparse_detr/quantization.py): the backbone's convolutions in int8, the
-    # rest as "auto" would run it; its activation ranges are calibrated, when the fast model is built, on this many
-    # images of DATASETS.TRAIN[0] (spread over it, resized as for evaluation). Not as accurate as bf16: the README
-    # gives the AP it lost on the demo model.
+    # "int8" (opt-in, CPU, ResNet backbones; sparse_detr/quantization.py): the backbone's convolutions and most of
+    # the transformer's linear layers in int8, the rest as "auto" would run it; its activation ranges are
+    # calibrated, when the fast model is built, on this many images of DATASETS.TRAIN[0] (spread over it, resized
+    # as for evaluation). The README gives the AP it costs on the demo models.
     cfg.TEST.INT8_CALIBRATION_IMAGES = 8
     # Score from which demo.py (its default --confidence-threshold) and the demo report draw detections;
     # evaluation always takes the top NUM_DETECTIONS. 0.5 as in Detectron2's demo; a config may set the value

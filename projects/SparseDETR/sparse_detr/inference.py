@@ -96,7 +96,7 @@ def cpu_description() -> Dict:
 
 def inference_precision(precision: str, device: torch.device) -> torch.dtype:
     """``TEST.PRECISION`` on ``device``: "auto" is bfloat16 on a CPU with native bf16, float32 elsewhere; "int8"
-    (:class:`FastInferenceModel`'s int8 backbone, never chosen by "auto") is ``torch.int8``, on the CPU only."""
+    (:class:`FastInferenceModel`'s int8 path, never chosen by "auto") is ``torch.int8``, on the CPU only."""
     if precision not in PRECISIONS:
         raise ValueError(f"TEST.PRECISION must be one of {PRECISIONS}, got {precision!r}")
     if precision == "int8" and device.type != "cpu":
@@ -276,8 +276,6 @@ class FastInferenceModel(nn.Module):
         linears = []
         if self.int8:  # the transformer's linear layers, calibrated on the model's own activations
             linears = quantize_linears(self.model.transformer)
-            # (the encoder's value projections then have no float weight to apply to samples)
-            self.model.transformer.encoder_values_after_sampling = False
             for item in calibration:
                 self.predict([item])
             for linear in linears:

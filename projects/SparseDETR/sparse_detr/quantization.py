@@ -405,15 +405,19 @@ class Int8Linear(_PackedWeight):
     output in the dtype the float layer would give (bf16 under the fast path's autocast, else the input's), or in
     float32 with ``float_output`` (a head whose scores are ranked).
 
-    Calibrating (``calibrating``, from construction until :meth:`freeze`) it runs the float layer and records its
-    input's range. The weight is reordered for oneDNN at the first call (a cache, as :class:`Int8Conv`'s)."""
+    Calibrating (from construction until :meth:`freeze`) it runs the float layer and records its input's range.
+    The weight is reordered for oneDNN at the first call (a cache, as :class:`Int8Conv`'s)."""
 
     def __init__(self, linear: nn.Linear, float_output: bool = False):
         super().__init__()
         self.linear, self.float_output = linear, float_output
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.input_range = _Range()
-        self.calibrating = True
+
+    @property
+    def calibrating(self) -> bool:
+        """Until :meth:`freeze`, which drops the float layer."""
+        return "linear" in self._modules
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -424,7 +428,6 @@ class Int8Linear(_PackedWeight):
         bias = self.linear.bias
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.input_qparams = self.input_range.qparams()
-        self.calibrating = False
         del self.linear, self.input_range
 
     def forward(self, x: Tensor) -> Tensor:
@@ -432,7 +435,7 @@ class Int8Linear(_PackedWeight):
             self.input_range.observe(x)
             if self.float_output:
                 with torch.autocast(x.device.type, enabled=False):
-                    return F.linear(x.float(), self.linear.weight.float(), self.linear.bias.float())
+                    return self.linear(x.float())  # (the head's own float32 layer)
             return self.linear(x)
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -450,7 +453,8 @@ class Int8Linear(_PackedWeight):
 
 def quantize_linears(transformer: nn.Module) -> List[Int8Linear]:
     """Make the transformer's linear layers :class:`Int8Linear`, in place, but for those that place the samples or
-    make the boxes: each encoder layer's value projection (every token), output projection and feed-forward pair
+    make the boxes: each encoder layer's value projection (every token; the encoder then projects before sampling,
+    ``MSDeformAttn.projects_samples``), output projection and feed-forward pair
     (its queries: every token, or the kept ones); those over every token, the two-stage head's ``enc_output`` and
     class head (float32 logits) and the scoring network's first three layers (its last, whose scores top-k ranks,
     stays); each decoder layer's output projection and feed-forward pair. Left in float: the sampling offsets and

@@ -416,7 +416,7 @@ class SparseDeformableTransformer(nn.Module):
             # expanded index copied all S rows twice (at 800x1199, 18 ms of 6 layers' 20k x 256 tokens)
             memory = memory.clone(memory_format=torch.contiguous_format)
         values = attended = self._shared_values(memory)
-        if (in_place and self.project_values_after_sampling and self.encoder_values_after_sampling
+        if (in_place and self.project_values_after_sampling and self.encoder.layers[0].self_attn.projects_samples
                 and flat.value_mask is None and values.dtype == torch.float32):
             # the largest levels sampled before projecting where that costs less (float32: in bf16 the projection
             # runs at twice the rate, and sampling the encoder's level 0 first gained nothing measurable); the
@@ -478,18 +478,17 @@ class SparseDeformableTransformer(nn.Module):
 
     # Inference only (set by the fast inference path on the CPU: float32, and bf16 without AMX): the decoder's
     # cross-attentions sample the memory before projecting it (MSDeformAttn._sample_then_project) when that costs
-    # fewer multiply-adds.
+    # fewer multiply-adds, and so does the sparse encoder in float32; each only where its attentions can
+    # (MSDeformAttn.projects_samples: not the int8 path's encoder).
     project_values_after_sampling = False
-    # and the encoder's too, unless this is False (the int8 path's encoder, whose value projections have no float
-    # weight to apply to samples)
-    encoder_values_after_sampling = True
 
     def _decode(self, flat: FlatFeatures, memory, values, tgt, query_pos, reference, out: TransformerOutput,
                 detections_only: bool = False):
         """``values``: what the cross-attentions' value projections read (the memory, or its copy of
         :meth:`_shared_values`)."""
         locations, weights = [], []
-        if self.project_values_after_sampling and not torch.is_grad_enabled():
+        if (self.project_values_after_sampling and not torch.is_grad_enabled()
+                and self.decoder.layers[0].cross_attn.projects_samples):
             first = self._levels_sampled_first(self.decoder.layers[0].cross_attn, tgt.shape[1], flat.level_shapes)
             if first > 0:
                 values = UnprojectedValues.of(memory, flat.value_mask, first)

@@ -63,32 +63,28 @@ def convolution_gflops(dtype: torch.dtype, repeats: int = 5) -> float:
     of ``repeats`` runs after two): the rate the backbone's convolutions can hope for, measured, where the clock
     and the width of the units :func:`cpu_peak_gflops` assumes may be wrong (a VM's base clock, a boost). int8:
     oneDNN's int8 convolution of uint8 codes, as the int8 backbone runs it."""
+    shape, geometry = (1, 256, 100, 150), ([1, 1], [1, 1], [1, 1], 1)
     if dtype == torch.int8:
-        return _int8_convolution_gflops(repeats)
-    x = torch.randn(1, 256, 100, 150).to(dtype).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(256, 256, 3, 3).to(dtype) * 0.02
-    geometry = ([1, 1], [1, 1], [1, 1], 1)
-    packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *geometry, list(x.shape))
+        x = torch.randint(0, 256, shape, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+        weight = torch.randint(-127, 128, (256, 256, 3, 3), dtype=torch.int8).contiguous(
+            memory_format=torch.channels_last)
+        scales, zero_points = torch.full((256,), 1e-3), torch.zeros(256, dtype=torch.long)
+        packed = torch.ops.onednn.qconv_prepack(weight, scales, 0.01, 0, *geometry, list(shape))
+
+        def convolve():
+            torch.ops.onednn.qconv2d_pointwise(x, 0.01, 0, packed, scales, zero_points, None, *geometry, 0.05, 0,
+                                               None, "none", [], "")
+    else:
+        x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(256, 256, 3, 3).to(dtype) * 0.02
+        packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *geometry, list(shape))
+
+        def convolve():
+            torch.ops.mkldnn._convolution_pointwise(x, packed, None, *geometry, "none", [], "")
     best = float("inf")
     for index in range(repeats + 2):
         start = time.perf_counter()
-        torch.ops.mkldnn._convolution_pointwise(x, packed, None, *geometry, "none", [], "")
-        if index >= 2:
-            best = min(best, time.perf_counter() - start)
-    return 256 * 256 * 9 * 100 * 150 / best / 1e9
-
-
-def _int8_convolution_gflops(repeats: int) -> float:
-    x = torch.randint(0, 256, (1, 256, 100, 150), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
-    weight = torch.randint(-127, 128, (256, 256, 3, 3), dtype=torch.int8).contiguous(memory_format=torch.channels_last)
-    scales, zero_points = torch.full((256,), 1e-3), torch.zeros(256, dtype=torch.long)
-    geometry = ([1, 1], [1, 1], [1, 1], 1)
-    packed = torch.ops.onednn.qconv_prepack(weight, scales, 0.01, 0, *geometry, list(x.shape))
-    best = float("inf")
-    for index in range(repeats + 2):
-        start = time.perf_counter()
-        torch.ops.onednn.qconv2d_pointwise(x, 0.01, 0, packed, scales, zero_points, None, *geometry, 0.05, 0, None,
-                                           "none", [], "")
+        convolve()
         if index >= 2:
             best = min(best, time.perf_counter() - start)
     return 256 * 256 * 9 * 100 * 150 / best / 1e9

@@ -542,6 +542,13 @@ class MSDeformAttn(nn.Module):
     # token, and the first levels are the largest (at 800x1199 the sparse encoder's 2,000 queries against level 0's
     # 15,000 tokens; see SparseDeformableTransformer._levels_sampled_first). The levels after value.levels are
     # projected and sampled as without UnprojectedValues, and the two parts summed.
+    @property
+    def projects_samples(self) -> bool:
+        """Whether :class:`UnprojectedValues` may be given: its value projection has a float weight to apply to the
+        samples (the int8 path's has not, nor one calibrating)."""
+        weight = getattr(self.value_proj, "weight", None)
+        return weight is not None and weight.is_floating_point()
+
     def _sample_levels_first(self, value: UnprojectedValues, spatial_shapes: Tensor, level_start_index: Tensor,
                              locations: Tensor, weights: Tensor) -> Tensor:
         num_levels = spatial_shapes.shape[0]
