@@ -31,11 +31,22 @@ namespace avx512 {
 #pragma GCC diagnostic pop
 
 // ISA_VARIANT(f): the address of the loops' function f (template arguments included) in the variant of ATen's CPU
-// capability (ATEN_CPU_CAPABILITY=default|avx2|avx512 picks another); generic's where there are no variants.
+// capability, read once per process (ATEN_CPU_CAPABILITY=default|avx2|avx512 picks another); generic's where there
+// are no variants. The including file includes <string> and ATen.
 #ifdef SPARSE_DETR_X86_VARIANTS
-#define ISA_VARIANT(f)                                 \
-  (at::get_cpu_capability() == "AVX512" ? &avx512::f \
-   : at::get_cpu_capability() == "AVX2" ? &avx2::f   \
+enum class IsaVariant { kGeneric, kAvx2, kAvx512 };
+inline IsaVariant isa_variant() {
+  static const IsaVariant variant = [] {
+    const std::string capability = at::get_cpu_capability();
+    return capability == "AVX512" ? IsaVariant::kAvx512
+           : capability == "AVX2" ? IsaVariant::kAvx2
+                                  : IsaVariant::kGeneric;
+  }();
+  return variant;
+}
+#define ISA_VARIANT(f)                                     \
+  (isa_variant() == IsaVariant::kAvx512 ? &avx512::f     \
+   : isa_variant() == IsaVariant::kAvx2 ? &avx2::f       \
                                         : &generic::f)
 #else
 #define ISA_VARIANT(f) (&generic::f)

@@ -45,12 +45,13 @@ inline void put(uint16_t* to, float x) {
 #define ISA_VARIANT_LOOPS "max_pool_loops.h"
 #include "isa_variants.h"
 
+// Pools rows of T elements by the instruction set's loop, chosen once for the call.
 template <typename T>
-using Loop = void (*)(const T*, T*, const Shape&, int64_t, int64_t);
-
-template <typename T>
-Loop<T> loop() {
-  return ISA_VARIANT(pool_rows<T>);
+void pool(const at::Tensor& input, at::Tensor& output, const Shape& s, int64_t rows, int64_t grain) {
+  const auto loop = ISA_VARIANT(pool_rows<T>);
+  const T* from = static_cast<const T*>(input.data_ptr());
+  T* to = static_cast<T*>(output.data_ptr());
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { loop(from, to, s, begin, end); });
 }
 
 at::Tensor max_pool3x3s2(const at::Tensor& input) {
@@ -68,25 +69,13 @@ at::Tensor max_pool3x3s2(const at::Tensor& input) {
     return output;
   }
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, s.out_width * s.channels));
-  // the instruction set's loop, chosen once for the call
+  const int64_t rows = batch * s.out_height;
   if (input.scalar_type() == at::kFloat) {
-    const Loop<float> pool = loop<float>();
-    const float* from = in.data_ptr<float>();
-    float* to = output.data_ptr<float>();
-    at::parallel_for(0, batch * s.out_height, grain,
-                     [&](int64_t begin, int64_t end) { pool(from, to, s, begin, end); });
+    pool<float>(in, output, s, rows, grain);
   } else if (input.scalar_type() == at::kByte) {
-    const Loop<uint8_t> pool = loop<uint8_t>();
-    const uint8_t* from = in.data_ptr<uint8_t>();
-    uint8_t* to = output.data_ptr<uint8_t>();
-    at::parallel_for(0, batch * s.out_height, grain,
-                     [&](int64_t begin, int64_t end) { pool(from, to, s, begin, end); });
+    pool<uint8_t>(in, output, s, rows, grain);
   } else {
-    const Loop<uint16_t> pool = loop<uint16_t>();
-    const uint16_t* from = reinterpret_cast<const uint16_t*>(in.data_ptr<at::BFloat16>());
-    uint16_t* to = reinterpret_cast<uint16_t*>(output.data_ptr<at::BFloat16>());
-    at::parallel_for(0, batch * s.out_height, grain,
-                     [&](int64_t begin, int64_t end) { pool(from, to, s, begin, end); });
+    pool<uint16_t>(in, output, s, rows, grain);  // bf16 as its bits
   }
   return output;
 }

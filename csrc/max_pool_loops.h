@@ -10,13 +10,13 @@ template <typename T>
 struct Vector {
   typedef Floats type;
   static constexpr int64_t lanes = kLanes;
-  static type lowest() { return Floats{} - std::numeric_limits<float>::infinity(); }
+  static constexpr float lowest = -std::numeric_limits<float>::infinity();
 };
 template <>
 struct Vector<uint8_t> {
   typedef Codes type;
   static constexpr int64_t lanes = sizeof(Codes);
-  static type lowest() { return Codes{}; }
+  static constexpr uint8_t lowest = 0;
 };
 
 inline Codes load(const uint8_t* from) {
@@ -48,7 +48,7 @@ void pool_rows(const T* input, T* output, const Shape& s, int64_t begin, int64_t
       const int64_t x_begin = std::max<int64_t>(2 * ox - 1, 0), x_end = std::min<int64_t>(2 * ox + 2, s.width);
       T* to = output + (row * s.out_width + ox) * s.channels;
       for (int64_t c0 = 0; c0 < vector_channels; c0 += lanes) {
-        Lanes best = Vector<T>::lowest();
+        Lanes best = Lanes{} + Vector<T>::lowest;  // every lane the lowest value
         for (int64_t y = y_begin; y < y_end; ++y) {
           for (int64_t x = x_begin; x < x_end; ++x) {
             const Lanes v = load(map + (y * s.width + x) * s.channels + c0);

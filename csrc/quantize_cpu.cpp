@@ -33,12 +33,14 @@ struct Affine {
 #define ISA_VARIANT_LOOPS "quantize_loops.h"
 #include "isa_variants.h"
 
+// Quantizes elements of T by the instruction set's loop, chosen once for the call.
 template <typename T>
-using Loop = void (*)(const T*, uint8_t*, const Affine&, int64_t, int64_t);
-
-template <typename T>
-Loop<T> loop() {
-  return ISA_VARIANT(quantize_elements<T>);
+void quantize(const at::Tensor& input, at::Tensor& output, const Affine& affine) {
+  const auto loop = ISA_VARIANT(quantize_elements<T>);
+  const T* from = static_cast<const T*>(input.data_ptr());
+  uint8_t* to = output.data_ptr<uint8_t>();
+  constexpr int64_t grain = 1 << 16;  // elements a thread takes at least
+  at::parallel_for(0, input.numel(), grain, [&](int64_t begin, int64_t end) { loop(from, to, affine, begin, end); });
 }
 
 at::Tensor quantize_uint8(const at::Tensor& input, double scale, int64_t zero_point) {
@@ -52,17 +54,10 @@ at::Tensor quantize_uint8(const at::Tensor& input, double scale, int64_t zero_po
   at::Tensor output = at::empty_like(in, in.options().dtype(at::kByte));
   const float zero = static_cast<float>(zero_point);
   const Affine affine{static_cast<float>(1.0 / scale), -zero, 255.0f - zero, zero};
-  const int64_t count = in.numel();
-  constexpr int64_t grain = 1 << 16;
-  uint8_t* to = output.data_ptr<uint8_t>();
   if (input.scalar_type() == at::kFloat) {
-    const Loop<float> quantize = loop<float>();
-    const float* from = in.data_ptr<float>();
-    at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) { quantize(from, to, affine, begin, end); });
+    quantize<float>(in, output, affine);
   } else {
-    const Loop<uint16_t> quantize = loop<uint16_t>();
-    const uint16_t* from = reinterpret_cast<const uint16_t*>(in.data_ptr<at::BFloat16>());
-    at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) { quantize(from, to, affine, begin, end); });
+    quantize<uint16_t>(in, output, affine);  // bf16 as its bits
   }
   return output;
 }
@@ -70,6 +65,8 @@ at::Tensor quantize_uint8(const at::Tensor& input, double scale, int64_t zero_po
 }  // namespace
 }  // namespace sparse_detr
 
-TORCH_LIBRARY_FRAGMENT(MSDA_LIBRARY, m) { m.def("quantize_uint8(Tensor input, float scale, int zero_point) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(MSDA_LIBRARY, m) {
+  m.def("quantize_uint8(Tensor input, float scale, int zero_point) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(MSDA_LIBRARY, CPU, m) { m.impl("quantize_uint8", &sparse_detr::quantize_uint8); }

@@ -79,23 +79,10 @@ using InputLoop = void (*)(const float*, float*, const Geometry&, const Layout&,
 using OutputLoop = void (*)(const float*, const float*, float*, const Geometry&, const Layout&, int64_t, bool, int64_t,
                             int64_t);
 
-// The loops of a tile size in the variant of ATen's CPU capability (ATEN_CPU_CAPABILITY=default|avx2|avx512 picks
-// another).
+// The loops of a tile size in the variant of ATen's CPU capability (ISA_VARIANT).
 std::pair<InputLoop, OutputLoop> loops(int64_t tile) {
-#define SPARSE_DETR_WINOGRAD_LOOPS(variant)                                              \
-  return tile == 4 ? std::make_pair(&variant::input_tiles<4>, &variant::output_tiles<4>) \
-                   : std::make_pair(&variant::input_tiles<2>, &variant::output_tiles<2>)
-#ifdef SPARSE_DETR_X86_VARIANTS
-  const std::string capability = at::get_cpu_capability();
-  if (capability == "AVX512") {
-    SPARSE_DETR_WINOGRAD_LOOPS(avx512);
-  }
-  if (capability == "AVX2") {
-    SPARSE_DETR_WINOGRAD_LOOPS(avx2);
-  }
-#endif
-  SPARSE_DETR_WINOGRAD_LOOPS(generic);
-#undef SPARSE_DETR_WINOGRAD_LOOPS
+  return tile == 4 ? std::make_pair(ISA_VARIANT(input_tiles<4>), ISA_VARIANT(output_tiles<4>))
+                   : std::make_pair(ISA_VARIANT(input_tiles<2>), ISA_VARIANT(output_tiles<2>));
 }
 
 void check_input(const at::Tensor& input, const char* op) {
