@@ -96,6 +96,15 @@ def test_extension_is_built_with_the_cuda_part_when_nvcc_is_found():
     assert ms_deform_attn_module.compiled_kernels_available("cuda") == bool(sparse_detr._C.WITH_CUDA)
 
 
+def test_compiled_cpu_ops_are_found_by_name_and_a_missing_one_is_not(monkeypatch):
+    # what the kernels' *_available() checks share: every op named, in a loaded build
+    ops = ("ms_deform_attn_forward", "max_pool3x3s2", "quantize_uint8", "decoder_attention_map", "winograd_conv3x3")
+    assert ms_deform_attn_module.compiled_cpu_ops_available(*ops)
+    assert not ms_deform_attn_module.compiled_cpu_ops_available("max_pool3x3s2", "an_op_no_build_has")
+    monkeypatch.setattr(ms_deform_attn_module, "_compiled", None)  # no build loaded
+    assert not ms_deform_attn_module.compiled_cpu_ops_available("max_pool3x3s2")
+
+
 @pytest.mark.parametrize("name, compiled_calls", [(None, 2), ("auto", 2), ("pytorch", 0), ("compiled", 2)])
 def test_switch_picks_the_implementation_on_the_cpu(name, compiled_calls, monkeypatch):
     calls = []

@@ -9,7 +9,7 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
-from .layers.ms_deform_attn import _use_compiled, compiled_kernels_available
+from .layers.ms_deform_attn import _use_compiled, compiled_cpu_ops_available
 from .transformer import TransformerOutput
 
 __all__ = ["dam_kernel_available", "dam_recall_masses", "dam_recall_summary", "decoder_attention_map", "output_dam",
@@ -18,7 +18,7 @@ __all__ = ["dam_kernel_available", "dam_recall_masses", "dam_recall_summary", "d
 
 def dam_kernel_available() -> bool:
     """Whether ``sparse_detr._C`` is loaded with its DAM kernel (a build older than it has none)."""
-    return compiled_kernels_available("cpu") and hasattr(torch.ops.sparse_detr_C, "decoder_attention_map")
+    return compiled_cpu_ops_available("decoder_attention_map")
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from detectron2.layers import Conv2d as D2Conv2d
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 
 from .conv_workaround import narrowed, one_column_bf16, widened
-from .layers.ms_deform_attn import compiled_kernels_available
+from .layers.ms_deform_attn import compiled_cpu_ops_available
 
 __all__ = ["FLOAT32_MATMUL_ENV", "WINOGRAD_TILE_ENV", "FusedConv", "PackedLinear", "WinogradConv", "cpu_vendor",
            "float32_matmul_library", "fuse_resnet", "max_pool_available", "pack_convolutions", "pack_linears",
@@ -207,8 +207,7 @@ def winograd_weight(weight: Tensor, tile: int = 2) -> Tensor:
 
 def winograd_available() -> bool:
     """Whether ``sparse_detr._C`` is loaded with its Winograd convolution (a build older than it has none)."""
-    return compiled_kernels_available("cpu") and all(hasattr(torch.ops.sparse_detr_C, name) for name in (
-        "winograd_conv3x3", "winograd_input_tiles", "winograd_output_tiles"))
+    return compiled_cpu_ops_available("winograd_conv3x3", "winograd_input_tiles", "winograd_output_tiles")
 
 
 def _winograd_fusable(conv: nn.Module, tile: int) -> bool:
@@ -267,7 +266,7 @@ def _grouped_winograd_weight(weight: Tensor, tile: int) -> Tensor:
 
 def max_pool_available() -> bool:
     """Whether ``sparse_detr._C`` is loaded with its stem max pool (a build older than it has none)."""
-    return compiled_kernels_available("cpu") and hasattr(torch.ops.sparse_detr_C, "max_pool3x3s2")
+    return compiled_cpu_ops_available("max_pool3x3s2")
 
 
 def stem_max_pool(x: Tensor) -> Tensor:

@@ -40,7 +40,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet
 
 from .fusion import _PackedWeight, _block_fusable, _fusable, stem_max_pool
-from .layers.ms_deform_attn import compiled_kernels_available
+from .layers.ms_deform_attn import compiled_cpu_ops_available
 
 __all__ = ["Int8Conv", "Int8Linear", "Int8ResNet", "int8_available", "quantize", "quantize_available",
            "quantize_linears", "quantize_projections", "quantize_resnet", "quantized_convolutions"]
@@ -124,7 +124,7 @@ def quantize(x: Tensor, qparams: Tuple[float, int]) -> Tensor:
 
 def quantize_available() -> bool:
     """Whether ``sparse_detr._C`` is loaded with its quantization kernel (a build older than it has none)."""
-    return compiled_kernels_available("cpu") and hasattr(torch.ops.sparse_detr_C, "quantize_uint8")
+    return compiled_cpu_ops_available("quantize_uint8")
 
 
 def _quantized_weight(weight: Tensor) -> Tuple[Tensor, Tensor]:

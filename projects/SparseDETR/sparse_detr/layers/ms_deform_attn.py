@@ -162,6 +162,12 @@ def compiled_kernels_available(device_type: str = "cpu") -> bool:
     return device_type == "cpu" or (device_type == "cuda" and bool(_compiled.WITH_CUDA))
 
 
+def compiled_cpu_ops_available(*names: str) -> bool:
+    """Whether ``sparse_detr._C`` is loaded with the CPU ops ``names`` (``torch.ops.sparse_detr_C.<name>``; a build
+    older than an op has none)."""
+    return compiled_kernels_available("cpu") and all(hasattr(torch.ops.sparse_detr_C, name) for name in names)
+
+
 def _use_compiled(device: torch.device, atomic_value_grad: bool = False) -> bool:
     """Whether the compiled kernel serves a call on ``device``: ``$SPARSE_DETR_MS_DEFORM_ATTN`` (module docstring).
 
