@@ -30,9 +30,9 @@ namespace avx512 {
 #endif
 #pragma GCC diagnostic pop
 
-// ISA_VARIANT(f): the address of the loops' function f (template arguments included) in the variant of ATen's CPU
-// capability, read once per process (ATEN_CPU_CAPABILITY=default|avx2|avx512 picks another); generic's where there
-// are no variants. The including file includes <string> and ATen.
+// ISA_VARIANT(f): the address of the loops' function f (template arguments included, commas too) in the variant of
+// ATen's CPU capability, read once per process (ATEN_CPU_CAPABILITY=default|avx2|avx512 picks another); generic's
+// where there are no variants. The including file includes <string> and ATen.
 #ifdef SPARSE_DETR_X86_VARIANTS
 enum class IsaVariant { kGeneric, kAvx2, kAvx512 };
 inline IsaVariant isa_variant() {
@@ -44,10 +44,10 @@ inline IsaVariant isa_variant() {
   }();
   return variant;
 }
-#define ISA_VARIANT(f)                                     \
-  (isa_variant() == IsaVariant::kAvx512 ? &avx512::f     \
-   : isa_variant() == IsaVariant::kAvx2 ? &avx2::f       \
-                                        : &generic::f)
+#define ISA_VARIANT(...)                                           \
+  (isa_variant() == IsaVariant::kAvx512 ? &avx512::__VA_ARGS__   \
+   : isa_variant() == IsaVariant::kAvx2 ? &avx2::__VA_ARGS__     \
+                                        : &generic::__VA_ARGS__)
 #else
-#define ISA_VARIANT(f) (&generic::f)
+#define ISA_VARIANT(...) (&generic::__VA_ARGS__)
 #endif

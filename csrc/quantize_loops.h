@@ -5,6 +5,16 @@
 typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
 typedef uint8_t Bytes __attribute__((vector_size(kLanes)));
 
+// The code of one value, as the vectors below compute it.
+inline uint8_t code_of(float v, const Affine& a) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: a float of this size has no fraction bits
+  v = v * a.inverse_scale;
+  v = v < a.low ? a.low : v;
+  v = v > a.high ? a.high : v;
+  v = (v + kRound) - kRound + a.zero_point;
+  return static_cast<uint8_t>(static_cast<int32_t>(v));
+}
+
 // Elements [begin, end): clamp(x * inverse_scale, -zero_point, 255 - zero_point), rounded half to even (by adding and
 // subtracting 1.5 * 2^23, exact for the clamped range), plus zero_point: the code torch.round and torch.clamp give.
 template <typename T>
@@ -20,10 +30,53 @@ void quantize_elements(const T* input, uint8_t* output, const Affine& a, int64_t
     std::memcpy(output + i, &codes, sizeof(codes));
   }
   for (; i < end; ++i) {
-    float v = as_float(input[i]) * a.inverse_scale;
-    v = v < a.low ? a.low : v;
-    v = v > a.high ? a.high : v;
-    v = (v + kRound) - kRound + a.zero_point;
-    output[i] = static_cast<uint8_t>(static_cast<int32_t>(v));
+    output[i] = code_of(as_float(input[i]), a);
+  }
+}
+
+// The bits of x in bf16, rounded to nearest even as torch rounds (a NaN becomes the quiet NaN torch gives).
+inline uint16_t bfloat16_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  if (x != x) {
+    return 0x7fc0;  // NaN
+  }
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+// One normalised value written as float32, bf16 or a uint8 code.
+inline void store_normalized(float v, float* out, const Affine&) { *out = v; }
+inline void store_normalized(float v, uint16_t* out, const Affine&) { *out = bfloat16_bits(v); }
+inline void store_normalized(float v, uint8_t* out, const Affine& a) { *out = code_of(v, a); }
+
+// Rows [begin, end) of a (channels, height, width) image, normalised as torch computes (x - mean) / std in float32,
+// written channels-last into out (row h at out + h * row_stride, pixel w's channels at w * channels): float32, bf16
+// (rounded to nearest even, as torch converts) or uint8 codes of quantize_elements. scratch holds channels x width
+// floats.
+template <typename In, typename Out>
+void normalize_rows(const In* image, const float* mean, const float* std, Out* out, int64_t channels, int64_t height,
+                    int64_t width, int64_t row_stride, const Affine& a, float* scratch, int64_t begin, int64_t end) {
+  for (int64_t h = begin; h < end; ++h) {
+    for (int64_t c = 0; c < channels; ++c) {  // each channel's row, normalised (vectorised)
+      const In* from = image + (c * height + h) * width;
+      float* to = scratch + c * width;
+      const float m = mean[c], s = std[c];
+      for (int64_t w = 0; w < width; ++w) {
+        to[w] = (as_float(from[w]) - m) / s;
+      }
+    }
+    Out* row = out + h * row_stride;  // then written pixel after pixel
+    if (channels == 3) {
+      for (int64_t w = 0; w < width; ++w) {
+        store_normalized(scratch[w], row + 3 * w, a);
+        store_normalized(scratch[width + w], row + 3 * w + 1, a);
+        store_normalized(scratch[2 * width + w], row + 3 * w + 2, a);
+      }
+    } else {
+      for (int64_t w = 0; w < width; ++w) {
+        for (int64_t c = 0; c < channels; ++c) {
+          store_normalized(scratch[c * width + w], row + w * channels + c, a);
+        }
+      }
+    }
   }
 }

@@ -128,14 +128,44 @@ def test_the_quantization_kernel_gives_torchs_codes(dtype, monkeypatch):
         torch.ops.sparse_detr_C.quantize_uint8(x, 0.0, 0)
 
 
+def test_the_image_kernel_normalises_into_the_backbone_layout():
+    """normalize_image (csrc/quantize_cpu.cpp) writes (x - mean) / std of a (C, H, W) uint8 or float32 image
+    channels-last into an (H, W, C) view of a larger batch: torch's float32 values bit for bit, their bf16 (rounded to
+    nearest even, as .to() rounds), or their uint8 codes as quantize gives them; the rest of the batch untouched
+    (the padding); bad arguments are named."""
+    generator = torch.Generator().manual_seed(0)
+    mean, std = torch.tensor([103.53, 116.28, 123.675]), torch.tensor([57.375, 57.12, 58.395])
+    images = [torch.randint(0, 256, (3, 37, 301), generator=generator, dtype=torch.uint8),
+              torch.rand(3, 29, 53, generator=generator) * 300 - 20]  # beyond the codes' range too
+    for image in images:
+        normalized = (image - mean[:, None, None]) / std[:, None, None]
+        height, width = image.shape[1:]
+        for dtype, expected in ((torch.float32, normalized), (torch.bfloat16, normalized.to(torch.bfloat16)),
+                                (torch.uint8, quantize(normalized, (0.0187, 113)))):
+            batch = torch.full((2, height + 3, width + 5, 3), 7, dtype=dtype)
+            torch.ops.sparse_detr_C.normalize_image(image, mean, std, batch[1, :height, :width], 0.0187, 113)
+            assert torch.equal(batch[1, :height, :width].permute(2, 0, 1), expected), (image.dtype, dtype)
+            assert (batch[0] == 7).all() and (batch[1, height:] == 7).all() and (batch[1, :, width:] == 7).all()
+    image, out = images[0], torch.empty(37, 301, 3)
+    with pytest.raises(RuntimeError, match="image must be a \\(C, H, W\\) uint8 or float32 CPU tensor, got Double"):
+        torch.ops.sparse_detr_C.normalize_image(image.double(), mean, std, out)
+    with pytest.raises(RuntimeError, match="mean and std must have 3 values"):
+        torch.ops.sparse_detr_C.normalize_image(image, mean[:2], std, out)
+    with pytest.raises(RuntimeError, match="output must be an \\(H, W, C\\) CPU view of the image's size"):
+        torch.ops.sparse_detr_C.normalize_image(image, mean, std, out.permute(2, 0, 1))
+    with pytest.raises(RuntimeError, match="output must be float32, bfloat16 or uint8"):
+        torch.ops.sparse_detr_C.normalize_image(image, mean, std, out.half())
+
+
 def test_the_quantization_kernel_on_every_instruction_set():
-    """Its loops are compiled for any x86-64, AVX2 and AVX-512; ATEN_CPU_CAPABILITY picks one per process."""
+    """Its loops (and the image kernel's) are compiled for any x86-64, AVX2 and AVX-512; ATEN_CPU_CAPABILITY picks
+    one per process."""
     for capability in ("default", "avx2"):
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_quantization.py", "-k",
-                   "quantization_kernel_gives"]
+                   "quantization_kernel_gives or image_kernel_normalises"]
         run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                              env={**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": "2"})
-        assert run.returncode == 0 and "2 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+        assert run.returncode == 0 and "3 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
 
 
 def test_int8_resnet_50_features_stay_near_float(tiny_model):
@@ -192,9 +222,10 @@ def test_the_fast_int8_path_projects_the_codes_and_keeps_the_padding_free_levels
     assert transformer.project_values_after_sampling and transformer.decoder.layers[0].cross_attn.projects_samples
     assert not any(layer.self_attn.projects_samples for layer in transformer.encoder.layers)
     with torch.no_grad():
-        images = int8.model.preprocess_image([large])
+        images = int8.model.preprocess_image([large])  # the image's codes, channels-last
+        assert images.tensor.dtype == torch.uint8 and images.tensor.is_contiguous(memory_format=torch.channels_last)
         assert all(f.dtype == torch.uint8 for f in int8.model.backbone(images.tensor).values())
-        expected, _ = fast.model.project_levels(images)
+        expected, _ = fast.model.project_levels(fast.model.preprocess_image([large]))
         actual, _ = int8.model.project_levels(images)
         for level, (e, a) in enumerate(zip(expected, actual)):
             error = (torch.linalg.norm(a.float() - e.float()) / torch.linalg.norm(e.float())).item()
