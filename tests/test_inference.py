@@ -186,11 +186,13 @@ def test_bfloat16_inference_casts_the_memory_once(config_name, tiny_model, make_
     assert copy_.dtype == torch.bfloat16 and torch.equal(copy_, memory.bfloat16())
 
 
+@pytest.mark.parametrize("references", [2, 4], ids=["points", "boxes"])
 @pytest.mark.parametrize("levels", [1, 4])
-def test_folded_point_locations_equal_reference_plus_scaled_offsets(levels):
-    """The fast path's sampling locations (one matrix multiplication of [query, reference]) are the layer's
-    reference + offsets / (W_l, H_l), in float32 within rounding, also inside a bf16 autocast (where the
-    sampling-offset layer stays in float32); with autograd on, the layer computes them as before."""
+def test_folded_point_locations_equal_reference_plus_scaled_offsets(levels, references):
+    """The fast path's sampling locations (points: one matrix multiplication of [query, reference]; boxes: one
+    addcmul) are the layer's reference + offsets / (W_l, H_l) or centre + offsets / P * size / 2, in float32 within
+    rounding, also inside a bf16 autocast (where the points' sampling-offset layer stays in float32); with autograd
+    on, the layer computes them as before."""
     torch.manual_seed(0)
     attn = MSDeformAttn(d_model=64, n_levels=levels, n_heads=4, n_points=3)
     with torch.no_grad():  # offsets of the size a trained layer predicts, not the initial pattern alone
@@ -198,7 +200,7 @@ def test_folded_point_locations_equal_reference_plus_scaled_offsets(levels):
     shapes = torch.tensor([[13, 17], [7, 9], [4, 5], [2, 3]][:levels])
     starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
     query, value = torch.randn(2, 11, 64), torch.randn(2, int(shapes.prod(1).sum()), 64)
-    reference = torch.rand(2, 11, levels, 2)
+    reference = torch.rand(2, 11, levels, references)
     expected = attn(query, reference, value, shapes, starts)
     attn.fold_point_locations = True
     assert torch.equal(attn(query, reference, value, shapes, starts).sampling_locations,
@@ -210,7 +212,14 @@ def test_folded_point_locations_equal_reference_plus_scaled_offsets(levels):
     torch.testing.assert_close(folded.sampling_locations, expected.sampling_locations, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(folded.output, expected.output, rtol=1e-5, atol=1e-5)
     assert folded_bf16.sampling_locations.dtype == torch.float32
-    torch.testing.assert_close(folded_bf16.sampling_locations, expected.sampling_locations, rtol=1e-6, atol=1e-6)
+    if references == 2:
+        torch.testing.assert_close(folded_bf16.sampling_locations, expected.sampling_locations, rtol=1e-6, atol=1e-6)
+    else:  # the bare layer's offsets come in bf16 under autocast (the fast path keeps the layer in float32)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            offsets = attn.sampling_offsets(query).float().view(2, 11, 4, levels, 3, 2)
+        boxes = reference[:, :, None, :, None]
+        torch.testing.assert_close(folded_bf16.sampling_locations, boxes[..., :2] + offsets / 3 * boxes[..., 2:] * 0.5,
+                                   rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("references", [2, 4], ids=["points", "boxes"])
@@ -649,3 +658,63 @@ def test_bfloat16_on_the_trained_demo_model_keeps_its_detections(project_cfg, sa
     shown = assert_shown_alike(fp32, bf16, cfg.TEST.CONFIDENCE_THRESHOLD, BF16_SCORE_ATOL, BF16_MIN_IOU, BF16_MARGIN,
                                "bf16")
     assert shown >= 12  # the images do show objects
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_fast_path_normalises_images_into_the_backbone_layout(dtype, tiny_model, make_batch):
+    """On the CPU the fast path's images come normalised straight into the layout its backbone reads
+    (SparseDETR.backbone_input, one pass of normalize_image each): channels-last in its dtype, or the int8 ResNet's
+    uint8 codes; the predictions are those of normalising as the model trains, bit for bit, for one image and a padded
+    pair, of uint8 and float32 images, Swin's too."""
+    model = randomise_norms(tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32))
+    calibration = make_batch(dict(height=64, width=96), seed=4) if dtype == torch.int8 else None
+    fast = FastInferenceModel(model, dtype, calibration=calibration)
+    layout = fast.model.backbone_input
+    assert layout[0] == (torch.uint8 if dtype == torch.int8 else dtype)
+    assert (layout[1] == fast.model.backbone.image_qparams) if dtype == torch.int8 else layout[1] is None
+    for batch in BATCHES:
+        uint8_images = make_batch(*batch, seed=2)
+        for inputs in (uint8_images, [dict(item, image=item["image"].float()) for item in uint8_images]):
+            with torch.no_grad():
+                images = fast.model.preprocess_image(inputs)
+                assert images.tensor.dtype == layout[0]
+                assert images.tensor.is_contiguous(memory_format=torch.channels_last)
+                actual = fast.predict(inputs)
+                fast.model.backbone_input = None
+                expected = fast.predict(inputs)
+                fast.model.backbone_input = layout
+            assert images.image_sizes == [tuple(item["image"].shape[1:]) for item in inputs]
+            assert torch.equal(actual.pred_logits[-1], expected.pred_logits[-1])
+            assert torch.equal(actual.pred_boxes[-1], expected.pred_boxes[-1])
+    swin = FastInferenceModel(tiny_model("sparse_detr_swint_rho0.2.yaml", dtype=torch.float32))  # channels-last too
+    inputs = make_batch(*BATCHES[1], seed=2)
+    with torch.no_grad():
+        actual = swin.predict(inputs)
+        swin.model.backbone_input = None
+        assert torch.equal(actual.pred_logits[-1], swin.predict(inputs).pred_logits[-1])
+
+
+def test_fast_path_writes_a_zero_tokens_projection_over_the_invalid_tokens(tiny_model, make_batch):
+    """The two-stage projection of the tokens with invalid ones (padding, cells at the border) zeroed first: the fast
+    path (project_invalid_tokens_after, on the CPU) projects every token and writes a zero token's row over the
+    invalid ones' instead, the same values bit for bit (float32, bf16, int8 layers); with autograd, as the model
+    trains."""
+    model = randomise_norms(tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32))
+    calibration = make_batch(dict(height=64, width=96), seed=4)
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.int8):
+        fast = FastInferenceModel(model, dtype, calibration=calibration if dtype == torch.int8 else None)
+        transformer = fast.model.transformer
+        assert transformer.project_invalid_tokens_after
+        tokens = torch.randn(2, 150, transformer.d_model, generator=generator)
+        valid = torch.rand(2, 150, generator=generator) > 0.2
+        results = {}
+        for after in (False, True):
+            transformer.project_invalid_tokens_after = after
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast.dtype == torch.bfloat16):
+                results[after] = transformer._project_memory(tokens, valid)
+        assert torch.equal(results[True], results[False]), dtype
+        assert not torch.equal(results[True][~valid][0], results[True][valid][0])
+        with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast.dtype == torch.bfloat16):
+            zeroed = transformer._project_memory(tokens, valid)  # as the model trains: zeroed first
+        assert torch.equal(zeroed, results[False])

@@ -17,7 +17,7 @@ same detections faster; the model itself (its modules, state dict and checkpoint
   decoder layers before the last; the sparse encoder takes its queries in token order (cache-friendly
   sampling);
 * every deformable attention with point references computes its sampling locations in the sampling-offset
-  layer's matrix multiplication (``MSDeformAttn.fold_point_locations``);
+  layer's matrix multiplication, and with box references by one ``addcmul`` (``MSDeformAttn.fold_point_locations``);
 * in float32 on the CPU (and in bfloat16 on CPUs without AMX), the decoder's cross-attentions sample the memory's
   unprojected tokens and project the samples (``UnprojectedValues``), where that costs fewer multiply-adds than
   projecting every token (at 800x1199: 300 queries against 20k tokens);
@@ -28,6 +28,10 @@ same detections faster; the model itself (its modules, state dict and checkpoint
   layer (the scores that top-k ranks). ``"auto"`` picks bf16 on CPUs with native bf16 instructions
   (AMX or AVX512-BF16), float32 elsewhere. Under autocast the memory the value projections read is cast to bf16
   once for all of them (``SparseDeformableTransformer._shared_values``);
+* on the CPU each image is normalised straight into the layout the backbone reads, channels-last in its dtype (the
+  int8 ResNet's uint8 codes included), in one pass (``SparseDETR.backbone_input``, :func:`_backbone_input`); and the
+  two-stage projection projects every token and writes a zero token's row over the invalid ones', rather than
+  zeroing them first (``SparseDeformableTransformer.project_invalid_tokens_after``); the same values either way;
 * the ResNet stem's max pool runs by ``torch.ops.sparse_detr_C.max_pool3x3s2``
   (:func:`~sparse_detr.fusion.stem_max_pool`), which does not write PyTorch's index of every maximum;
 * in int8 (``TEST.PRECISION int8``, opt-in, never "auto"), the ResNet backbone's convolutions and most of the
@@ -47,8 +51,10 @@ from detectron2.layers import Conv2d as D2Conv2d
 
 from .fusion import WinogradConv, cpu_vendor, fuse_resnet, pack_convolutions, pack_linears
 from .layers import MSDeformAttn
+from .layers.ms_deform_attn import compiled_cpu_ops_available
 from .meta_arch import SparseDETR
-from .quantization import Int8ResNet, quantize_linears, quantize_projections, quantize_resnet, quantized_convolutions
+from .quantization import (Int8Conv, Int8ResNet, quantize_linears, quantize_projections, quantize_resnet,
+                           quantized_convolutions)
 from .transformer import TransformerOutput
 
 __all__ = ["FastInferenceModel", "build_inference_model", "calibration_inputs", "cpu_description",
@@ -203,6 +209,19 @@ def _precision_sensitive(model: SparseDETR) -> List[tuple]:
     return places
 
 
+def _backbone_input(model: SparseDETR, dtype: torch.dtype):
+    """``SparseDETR.backbone_input`` for the fast path's backbone: on the CPU, channels-last images in ``dtype``, or
+    in the int8 ResNet's uint8 codes; None (the images as the model trains takes them) elsewhere, on a GPU, for an
+    int8 GroupNorm ResNet (which quantizes its convolutions' inputs itself) or without the compiled op."""
+    if model.device.type != "cpu" or not compiled_cpu_ops_available("normalize_image"):
+        return None
+    if isinstance(model.backbone, Int8ResNet):
+        return torch.uint8, model.backbone.image_qparams
+    if any(isinstance(m, Int8Conv) for m in model.backbone.modules()):
+        return None
+    return dtype, None
+
+
 @torch.no_grad()
 def _to_bfloat16(model: SparseDETR) -> None:
     """Keep the precision-sensitive layers in float32, store every other conv/linear weight in bf16."""
@@ -258,6 +277,7 @@ class FastInferenceModel(nn.Module):
             if isinstance(module, MSDeformAttn):
                 module.fold_point_locations = True
         self.model.position_embedding_by_rows_and_columns = True
+        self.model.transformer.project_invalid_tokens_after = self.model.device.type == "cpu"
         # on the CPU in float32: the decoder took 120-150 ms instead of 180-210 at 800x1199; in bf16 with AMX the
         # projection costs less than sampling 8x the channels (1.5 against 7 ms a decoder layer, the Xeon), without
         # it (AVX512-BF16) sampling first is faster (the AMD EPYC: the model 647 against 671 ms, 9 interleaved
@@ -283,6 +303,7 @@ class FastInferenceModel(nn.Module):
         if fuse:  # in float32 with MKL only the layers over many tokens take oneDNN (fusion.PACKED_FLOAT32_MIN_ROWS)
             fused += pack_linears(self.model.transformer)
         super().train(False)
+        self.model.backbone_input = _backbone_input(self.model, dtype) if convolutional else None
         if self.int8:
             logger.info("fast inference: the backbone in int8 (%d convolutions, calibrated on %d images; %d input "
                         "projections reading its uint8 maps) and %d linear layers of the transformer, the rest in "

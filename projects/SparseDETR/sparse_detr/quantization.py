@@ -306,7 +306,10 @@ class Int8ResNet(nn.Module):
         del self.image_range, self.feature_ranges
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
-        q = quantize(x, self.image_qparams).contiguous(memory_format=torch.channels_last)
+        """``x``: the normalised images (float), or their uint8 codes of ``image_qparams`` (the fast path's
+        ``SparseDETR.backbone_input``)."""
+        q = x if x.dtype == torch.uint8 else quantize(x, self.image_qparams)
+        q = q.contiguous(memory_format=torch.channels_last)
         q = self.stem(q)
         outputs = {}
         for name, stage in [("stem", [])] + list(zip(self.stage_names, self.stages)):

@@ -292,9 +292,23 @@ class SparseDeformableTransformer(nn.Module):
         logits = torch.log(boxes / (1 - boxes)).masked_fill(~valid[..., None], float("inf"))
         return logits, valid
 
+    # Inference only (set by the fast inference path on the CPU): the tokens that are not valid proposals (padding,
+    # and the cells next to an image's border: 938 of the 19,947 at 800x1199) enter the two-stage projection as zeros,
+    # so their rows come out as a zero token's. Every token is projected as it is instead and that row is written
+    # over theirs: the same values, without a pass over every token to zero them (1.5 ms a call at 800x1199 on two
+    # threads, 2 calls an image; a GPU keeps the pass, which needs no host sync).
+    project_invalid_tokens_after = False
+
     def _project_memory(self, tokens: Tensor, valid: Tensor) -> Tensor:
-        # where() rather than masked_fill(): the same values, 2x faster with the mask broadcast over channels
-        return self.enc_output_norm(self.enc_output(torch.where(valid[..., None], tokens, 0.0)))
+        if not self.project_invalid_tokens_after or torch.is_grad_enabled():
+            # where() rather than masked_fill(): the same values, 2x faster with the mask broadcast over channels
+            return self.enc_output_norm(self.enc_output(torch.where(valid[..., None], tokens, 0.0)))
+        projected = self.enc_output_norm(self.enc_output(tokens))
+        invalid = (~valid).nonzero(as_tuple=True)
+        if len(invalid[0]) > 0:
+            zero_token = self.enc_output_norm(self.enc_output(tokens.new_zeros(1, 1, tokens.shape[-1])))
+            projected[invalid] = zero_token.view(-1)
+        return projected
 
     def _levels_sampled_first(self, attn: MSDeformAttn, num_queries: int, level_shapes: Sequence[Tuple[int, int]]
                               ) -> int:
