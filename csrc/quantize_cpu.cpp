@@ -11,7 +11,7 @@
 //
 //   sparse_detr_C::normalize_image(image, mean, std, output, scale=1, zero_point=0) -> ()
 //
-// image (C, H, W) uint8 or float32; output an (H, W, C) view (strides (any, C, 1)): (image - mean) / std as torch
+// image (C, H, W) uint8 or float32, any strides; output an (H, W, C) view (strides (any, C, 1)): (image - mean) / std as torch
 // computes it in float32, written channels-last as float32, bf16 (rounded to nearest even) or uint8 codes (as
 // quantize_uint8 gives them): the fast inference path's images, straight into its backbone's layout.
 #include <algorithm>
@@ -75,11 +75,12 @@ void normalize(const at::Tensor& image, const at::Tensor& mean, const at::Tensor
   const auto loop = ISA_VARIANT(normalize_rows<In, Out>);
   const int64_t channels = image.size(0), height = image.size(1), width = image.size(2);
   const In* from = static_cast<const In*>(image.data_ptr());
+  const int64_t strides[3] = {image.stride(0), image.stride(1), image.stride(2)};
   Out* to = static_cast<Out*>(output.data_ptr());
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, channels * width));  // rows
   at::parallel_for(0, height, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(channels * width);
-    loop(from, mean.data_ptr<float>(), std.data_ptr<float>(), to, channels, height, width, output.stride(0), affine,
+    loop(from, strides, mean.data_ptr<float>(), std.data_ptr<float>(), to, channels, width, output.stride(0), affine,
          scratch.data(), begin, end);
   });
 }
@@ -97,17 +98,17 @@ void normalize_into(const at::Tensor& image, const at::Tensor& mean, const at::T
   }
 }
 
-void normalize_image(const at::Tensor& image_in, const at::Tensor& mean_in, const at::Tensor& std_in,
+void normalize_image(const at::Tensor& image, const at::Tensor& mean_in, const at::Tensor& std_in,
                      at::Tensor& output, double scale, int64_t zero_point) {
-  TORCH_CHECK(image_in.device().is_cpu() && image_in.dim() == 3 &&
-                  (image_in.scalar_type() == at::kByte || image_in.scalar_type() == at::kFloat),
-              "normalize_image: image must be a (C, H, W) uint8 or float32 CPU tensor, got ", image_in.scalar_type(),
-              " of shape ", image_in.sizes(), " on ", image_in.device());
-  const int64_t channels = image_in.size(0);
+  TORCH_CHECK(image.device().is_cpu() && image.dim() == 3 &&
+                  (image.scalar_type() == at::kByte || image.scalar_type() == at::kFloat),
+              "normalize_image: image must be a (C, H, W) uint8 or float32 CPU tensor, got ", image.scalar_type(),
+              " of shape ", image.sizes(), " on ", image.device());
+  const int64_t channels = image.size(0);
   TORCH_CHECK(mean_in.numel() == channels && std_in.numel() == channels, "normalize_image: mean and std must have ",
               channels, " values (one a channel), got ", mean_in.numel(), " and ", std_in.numel());
-  TORCH_CHECK(output.device().is_cpu() && output.dim() == 3 && output.size(0) == image_in.size(1) &&
-                  output.size(1) == image_in.size(2) && output.size(2) == channels &&
+  TORCH_CHECK(output.device().is_cpu() && output.dim() == 3 && output.size(0) == image.size(1) &&
+                  output.size(1) == image.size(2) && output.size(2) == channels &&
                   output.stride(2) == 1 && output.stride(1) == channels,
               "normalize_image: output must be an (H, W, C) CPU view of the image's size with its pixels' channels "
               "together (strides (any, C, 1)), got shape ", output.sizes(), " strides ", output.strides());
@@ -116,10 +117,10 @@ void normalize_image(const at::Tensor& image_in, const at::Tensor& mean_in, cons
               "normalize_image: output must be float32, bfloat16 or uint8 (codes), got ", output.scalar_type());
   TORCH_CHECK(scale > 0 && zero_point >= 0 && zero_point <= 255,
               "normalize_image: scale must be positive and zero_point in [0, 255], got ", scale, " and ", zero_point);
-  const at::Tensor image = image_in.contiguous();
   const at::Tensor mean = mean_in.to(at::kFloat).contiguous(), std = std_in.to(at::kFloat).contiguous();
   const float zero = static_cast<float>(zero_point);
   const Affine affine{static_cast<float>(1.0 / scale), -zero, 255.0f - zero, zero};
+  // the image read in its own strides (the predictor's are (H, W, C) arrays seen as (C, H, W)), no copy
   if (image.scalar_type() == at::kByte) {
     normalize_into<uint8_t>(image, mean, std, output, affine);
   } else {

@@ -48,20 +48,28 @@ inline void store_normalized(float v, float* out, const Affine&) { *out = v; }
 inline void store_normalized(float v, uint16_t* out, const Affine&) { *out = bfloat16_bits(v); }
 inline void store_normalized(float v, uint8_t* out, const Affine& a) { *out = code_of(v, a); }
 
-// Rows [begin, end) of a (channels, height, width) image, normalised as torch computes (x - mean) / std in float32,
-// written channels-last into out (row h at out + h * row_stride, pixel w's channels at w * channels): float32, bf16
-// (rounded to nearest even, as torch converts) or uint8 codes of quantize_elements. scratch holds channels x width
-// floats.
+// Rows [begin, end) of a (channels, height, width) image (its strides: channel, row, column), normalised as torch
+// computes (x - mean) / std in float32, written channels-last into out (row h at out + h * row_stride, pixel w's
+// channels at w * channels): float32, bf16 (rounded to nearest even, as torch converts) or uint8 codes of
+// quantize_elements. scratch holds channels x width floats.
 template <typename In, typename Out>
-void normalize_rows(const In* image, const float* mean, const float* std, Out* out, int64_t channels, int64_t height,
-                    int64_t width, int64_t row_stride, const Affine& a, float* scratch, int64_t begin, int64_t end) {
+void normalize_rows(const In* image, const int64_t* strides, const float* mean, const float* std, Out* out,
+                    int64_t channels, int64_t width, int64_t row_stride, const Affine& a, float* scratch,
+                    int64_t begin, int64_t end) {
+  const int64_t column_stride = strides[2];
   for (int64_t h = begin; h < end; ++h) {
-    for (int64_t c = 0; c < channels; ++c) {  // each channel's row, normalised (vectorised)
-      const In* from = image + (c * height + h) * width;
+    for (int64_t c = 0; c < channels; ++c) {  // each channel's row, normalised (in vectors where it is contiguous)
+      const In* from = image + c * strides[0] + h * strides[1];
       float* to = scratch + c * width;
       const float m = mean[c], s = std[c];
-      for (int64_t w = 0; w < width; ++w) {
-        to[w] = (as_float(from[w]) - m) / s;
+      if (column_stride == 1) {
+        for (int64_t w = 0; w < width; ++w) {
+          to[w] = (as_float(from[w]) - m) / s;
+        }
+      } else {  // e.g. an (H, W, C) array seen as (C, H, W)
+        for (int64_t w = 0; w < width; ++w) {
+          to[w] = (as_float(from[w * column_stride]) - m) / s;
+        }
       }
     }
     Out* row = out + h * row_stride;  // then written pixel after pixel

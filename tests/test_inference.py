@@ -665,7 +665,7 @@ def test_fast_path_normalises_images_into_the_backbone_layout(dtype, tiny_model,
     """On the CPU the fast path's images come normalised straight into the layout its backbone reads
     (SparseDETR.backbone_input, one pass of normalize_image each): channels-last in its dtype, or the int8 ResNet's
     uint8 codes; the predictions are those of normalising as the model trains, bit for bit, for one image and a padded
-    pair, of uint8 and float32 images, Swin's too."""
+    pair, of uint8 and float32 images (channels first, or (H, W, C) arrays as the predictor's), Swin's too."""
     model = randomise_norms(tiny_model("sparse_detr_r50_rho0.3.yaml", dtype=torch.float32))
     calibration = make_batch(dict(height=64, width=96), seed=4) if dtype == torch.int8 else None
     fast = FastInferenceModel(model, dtype, calibration=calibration)
@@ -674,7 +674,10 @@ def test_fast_path_normalises_images_into_the_backbone_layout(dtype, tiny_model,
     assert (layout[1] == fast.model.backbone.image_qparams) if dtype == torch.int8 else layout[1] is None
     for batch in BATCHES:
         uint8_images = make_batch(*batch, seed=2)
-        for inputs in (uint8_images, [dict(item, image=item["image"].float()) for item in uint8_images]):
+        float_images = [dict(item, image=item["image"].float()) for item in uint8_images]
+        hwc_images = [dict(item, image=item["image"].permute(1, 2, 0).contiguous().permute(2, 0, 1))
+                      for item in float_images]  # (H, W, C) arrays, as the predictor's
+        for inputs in (uint8_images, float_images, hwc_images):
             with torch.no_grad():
                 images = fast.model.preprocess_image(inputs)
                 assert images.tensor.dtype == layout[0]

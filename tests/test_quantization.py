@@ -129,14 +129,15 @@ def test_the_quantization_kernel_gives_torchs_codes(dtype, monkeypatch):
 
 
 def test_the_image_kernel_normalises_into_the_backbone_layout():
-    """normalize_image (csrc/quantize_cpu.cpp) writes (x - mean) / std of a (C, H, W) uint8 or float32 image
-    channels-last into an (H, W, C) view of a larger batch: torch's float32 values bit for bit, their bf16 (rounded to
-    nearest even, as .to() rounds), or their uint8 codes as quantize gives them; the rest of the batch untouched
-    (the padding); bad arguments are named."""
+    """normalize_image (csrc/quantize_cpu.cpp) writes (x - mean) / std of a (C, H, W) uint8 or float32 image (any
+    strides) channels-last into an (H, W, C) view of a larger batch: torch's float32 values bit for bit, their bf16
+    (rounded to nearest even, as .to() rounds), or their uint8 codes as quantize gives them; the rest of the batch
+    untouched (the padding); bad arguments are named."""
     generator = torch.Generator().manual_seed(0)
     mean, std = torch.tensor([103.53, 116.28, 123.675]), torch.tensor([57.375, 57.12, 58.395])
     images = [torch.randint(0, 256, (3, 37, 301), generator=generator, dtype=torch.uint8),
-              torch.rand(3, 29, 53, generator=generator) * 300 - 20]  # beyond the codes' range too
+              torch.rand(3, 29, 53, generator=generator) * 300 - 20,  # beyond the codes' range too
+              (torch.rand(31, 45, 3, generator=generator) * 255).permute(2, 0, 1)]  # (H, W, C), as a predictor's
     for image in images:
         normalized = (image - mean[:, None, None]) / std[:, None, None]
         height, width = image.shape[1:]
