@@ -11,9 +11,9 @@
 //
 //   sparse_detr_C::normalize_image(image, mean, std, output, scale=1, zero_point=0) -> ()
 //
-// image (C, H, W) uint8 or float32, any strides; output an (H, W, C) view (strides (any, C, 1)): (image - mean) / std as torch
-// computes it in float32, written channels-last as float32, bf16 (rounded to nearest even) or uint8 codes (as
-// quantize_uint8 gives them): the fast inference path's images, straight into its backbone's layout.
+// image (C, H, W) uint8 or float32, any strides; output an (H, W, C) view (strides (any, C, 1)): (image - mean) / std
+// as torch computes it in float32, written channels-last as float32, bf16 (rounded to nearest even) or uint8 codes
+// (as quantize_uint8 gives them): the fast inference path's images, straight into its backbone's layout.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>

@@ -34,18 +34,11 @@ void quantize_elements(const T* input, uint8_t* output, const Affine& a, int64_t
   }
 }
 
-// The bits of x in bf16, rounded to nearest even as torch rounds (a NaN becomes the quiet NaN torch gives).
-inline uint16_t bfloat16_bits(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  if (x != x) {
-    return 0x7fc0;  // NaN
-  }
-  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
 // One normalised value written as float32, bf16 or a uint8 code.
 inline void store_normalized(float v, float* out, const Affine&) { *out = v; }
-inline void store_normalized(float v, uint16_t* out, const Affine&) { *out = bfloat16_bits(v); }
+inline void store_normalized(float v, uint16_t* out, const Affine&) {  // bf16 bits, rounded as torch rounds
+  *out = ::c10::detail::round_to_nearest_even(v);
+}
 inline void store_normalized(float v, uint8_t* out, const Affine& a) { *out = code_of(v, a); }
 
 // Rows [begin, end) of a (channels, height, width) image (its strides: channel, row, column), normalised as torch

@@ -190,8 +190,9 @@ class SparseDETR(nn.Module):
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         if self.backbone_input is not None and not torch.is_grad_enabled():
             images = [x["image"] for x in batched_inputs]
-            if images and all(image.device.type == "cpu" and image.dim() == 3 and image.shape[0] == self.pixel_mean.numel()
-                   and image.dtype in (torch.uint8, torch.float32) for image in images):
+            channels = self.pixel_mean.numel()
+            if images and all(image.device.type == "cpu" and image.dim() == 3 and image.shape[0] == channels
+                              and image.dtype in (torch.uint8, torch.float32) for image in images):
                 return self._backbone_images(images)
         images = [((x["image"].to(self.device) - self.pixel_mean) / self.pixel_std) for x in batched_inputs]
         return ImageList.from_tensors(images)
